@@ -1,0 +1,15 @@
+"""DEX networks: the DEX layer, the DEX ViT encoder, MAE pre-training and downstream UNETR / classifier."""
+
+from dex_monai.networks.blocks import (
+    ALIGNMENT_LOSSES,
+    DEX_MODES,
+    ROUTING_TYPES,
+    DEXLayer,
+    DEXTransformerBlock,
+    NoisyTopKRouter,
+    StackedExpertMLP,
+    alignment_loss,
+    expert_schedule,
+    top_k_schedule,
+)
+from dex_monai.networks.nets import DEXClassifier, DEXMaskedAutoEncoder, DEXUNETR, DEXViT, patchify, unpatchify

@@ -1,0 +1,84 @@
+"""Transformer block whose MLP is a DEX layer, and the per-layer expert / top-k schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import MLPBlock, SABlock
+
+from dex_monai.networks.blocks.dex_layer import DEXLayer
+
+__all__ = ["DEXTransformerBlock", "expert_schedule", "top_k_schedule"]
+
+
+def expert_schedule(num_layers: int, min_experts: int, max_experts: int) -> list[int]:
+    """Expert count per layer, from ``max_experts`` in the first layers down to ``min_experts`` in the last.
+
+    As the public code: each count from max to min is repeated ``ceil(L / (max - min + 1))`` times, cut to L.
+    """
+    if min_experts < 1 or max_experts < min_experts:
+        raise ValueError(f"need 1 <= min_experts <= max_experts, got min={min_experts}, max={max_experts}.")
+    repeat = math.ceil(num_layers / (max_experts - min_experts + 1))
+    counts = [e for e in range(max_experts, min_experts - 1, -1) for _ in range(repeat)]
+    return counts[:num_layers]
+
+
+def top_k_schedule(num_layers: int, min_top_k: int, max_top_k: int) -> list[int]:
+    """Top-k per layer, from ``min_top_k`` in the first layers up to ``max_top_k`` in the last (as the public code)."""
+    if min_top_k < 1 or max_top_k < min_top_k:
+        raise ValueError(f"need 1 <= min_top_k <= max_top_k, got min={min_top_k}, max={max_top_k}.")
+    repeat = math.ceil(num_layers / (max_top_k - min_top_k + 1))
+    values = [k for k in range(min_top_k, max_top_k + 1) for _ in range(repeat)]
+    return values[:num_layers]
+
+
+class DEXTransformerBlock(nn.Module):
+    """Pre-norm ViT block (MONAI ``SABlock`` attention) whose MLP is a :class:`DEXLayer`.
+
+    With ``dense=True`` the MLP is a plain MONAI ``MLPBlock`` stored as ``mlp``, so the block's state dict has the
+    same names as MONAI's ``TransformerBlock``; this is the monolithic baseline on the same code path.
+
+    Input and output: ``[B, N, D]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        mode: str = "pretrain",
+        routing: str = "image",
+        tau: float = 0.5,
+        alignment: str = "soft_ce",
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = True,
+        dense: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.attn = SABlock(hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias, use_flash_attention=True)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.dense = dense
+        if dense:
+            self.mlp = MLPBlock(hidden_size, mlp_dim, dropout_rate, act="GELU", dropout_mode="vit")
+        else:
+            self.dex = DEXLayer(
+                hidden_size,
+                mlp_dim,
+                num_experts=num_experts,
+                top_k=top_k,
+                mode=mode,
+                routing=routing,
+                tau=tau,
+                alignment=alignment,
+                dropout_rate=dropout_rate,
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        mlp = self.mlp if self.dense else self.dex
+        return x + mlp(self.norm2(x))

@@ -1,0 +1,3 @@
+from dex_monai.networks.nets.dex_downstream import DEXClassifier, DEXUNETR
+from dex_monai.networks.nets.dex_mae import DEXMaskedAutoEncoder, patchify, unpatchify
+from dex_monai.networks.nets.dex_vit import DEXViT

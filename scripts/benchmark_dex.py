@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Pre-training step time and peak memory of DEX MAE against a dense MAE of the same dimensions.
+
+Both models are built from the same code (the dense one has plain MLPs instead of DEX layers) and run in this
+process, alternating, on the same random batches. A step is forward (including the GEMA update), backward and an
+AdamW step (``fused=True``, on CPU and CUDA). Prints one JSON object.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident-set growth above the level
+before the model was built, sampled every millisecond in a separate pass (so the sampler does not slow the timed steps) (``malloc_trim`` between runs so freed memory is returned).
+
+Examples::
+
+    python scripts/benchmark_dex.py --config S
+    python scripts/benchmark_dex.py --config B --device cuda --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+from dex_monai.networks import DEXMaskedAutoEncoder
+
+CONFIGS = {
+    "S": dict(
+        img_size=64, patch_size=8, hidden_size=192, mlp_dim=768, num_layers=6, num_heads=3, num_experts=8, top_k=2,
+        decoder_hidden_size=128, decoder_mlp_dim=512, decoder_num_layers=2, decoder_num_heads=4, batch=32,
+    ),
+    "B": dict(
+        img_size=224, patch_size=16, hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12, num_experts=8,
+        top_k=2, decoder_hidden_size=512, decoder_mlp_dim=2048, decoder_num_layers=8, decoder_num_heads=16, batch=8,
+    ),
+}
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; reports the peak growth in MiB."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def build(config: dict, dense: bool, device: torch.device) -> tuple[DEXMaskedAutoEncoder, torch.optim.Optimizer]:
+    kwargs = {k: v for k, v in config.items() if k != "batch"}
+    model = DEXMaskedAutoEncoder(in_channels=3, spatial_dims=2, masking_ratio=0.75, dense=dense, **kwargs).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05, fused=True)
+    return model, optimizer
+
+
+def train_step(model, optimizer, images, bf16: bool) -> float:
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        _, out = model(images)
+        loss = out["mae"] + 0.1 * out["alignment"] + 0.01 * out["balance"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def time_steps(config: dict, dense: bool, device: torch.device, steps: int, warmup: int, bf16: bool, seed: int):
+    """Median-ready list of step times (s) for a freshly built model; no sampler thread runs meanwhile."""
+    release_memory(device)
+    torch.manual_seed(seed)
+    batch = torch.rand(config["batch"], 3, config["img_size"], config["img_size"], device=device)
+    model, optimizer = build(config, dense, device)
+    model.set_schedule_values(gema_momentum=0.99, noise_std=1.0)
+    for _ in range(warmup):
+        train_step(model, optimizer, batch, bf16)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(model, optimizer, batch, bf16)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    info = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    del model, optimizer
+    release_memory(device)
+    return times, info
+
+
+def peak_memory(config: dict, dense: bool, device: torch.device, bf16: bool, steps: int = 2) -> float:
+    """Peak memory (MiB) of building the model and running a few training steps."""
+    release_memory(device)
+    batch = torch.rand(config["batch"], 3, config["img_size"], config["img_size"], device=device)
+    with PeakRSS() as rss:
+        model, optimizer = build(config, dense, device)
+        for _ in range(steps):
+            train_step(model, optimizer, batch, bf16)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak_mib
+    del model, optimizer
+    release_memory(device)
+    return round(peak, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="S")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="dense/DEX alternations; medians over all rounds")
+    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = CONFIGS[args.config]
+    runs: dict[str, list] = {"dense": [], "dex": []}
+    info: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for name in ("dense", "dex"):
+            times, info[name] = time_steps(
+                config, name == "dense", device, args.steps, args.warmup, args.bf16, seed=round_index
+            )
+            runs[name] += times
+    peaks = {name: peak_memory(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
+    dense_step = statistics.median(runs["dense"])
+    dex_step = statistics.median(runs["dex"])
+    report = {
+        "config": args.config,
+        "settings": config,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "bf16": args.bf16,
+        "steps_timed_per_model": len(runs["dex"]),
+        "dense": {
+            "median_step_s": round(dense_step, 5),
+            "images_per_s": round(config["batch"] / dense_step, 2),
+            "peak_memory_mib": peaks["dense"],
+            **info["dense"],
+        },
+        "dex": {
+            "median_step_s": round(dex_step, 5),
+            "images_per_s": round(config["batch"] / dex_step, 2),
+            "peak_memory_mib": peaks["dex"],
+            **info["dex"],
+        },
+        "step_time_ratio_dex_over_dense": round(dex_step / dense_step, 3),
+        "peak_memory_ratio_dex_over_dense": round(peaks["dex"] / max(peaks["dense"], 1e-9), 3),
+        "target_step_time_ratio": 1.6 if args.config == "S" and device.type == "cpu" else None,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
