@@ -13,3 +13,5 @@ from dex_monai.networks.blocks import (
     top_k_schedule,
 )
 from dex_monai.networks.nets import DEXClassifier, DEXMaskedAutoEncoder, DEXUNETR, DEXViT, patchify, unpatchify
+from dex_monai.networks import convert
+from dex_monai.networks.convert import ConversionReport, export_to_monai, load_encoder_weights

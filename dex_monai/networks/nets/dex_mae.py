@@ -158,6 +158,10 @@ class DEXMaskedAutoEncoder(nn.Module):
                 for _ in range(decoder_num_layers)
             ]
         )
+        for blk in self.decoder_blocks:
+            # MONAI's TransformerBlock always creates this LayerNorm, used only with cross-attention; frozen so that
+            # DistributedDataParallel does not wait for gradients that never come
+            blk.norm_cross_attn.requires_grad_(False)
         self.decoder_norm = nn.LayerNorm(decoder_hidden_size)
         self.decoder_pred = nn.Linear(decoder_hidden_size, int(np.prod(self.patch_size)) * in_channels)
         trunc_normal_(self.mask_token, mean=0.0, std=0.02, a=-2.0, b=2.0)

@@ -1,0 +1,29 @@
+# Copyright (c) the dex_monai contributors.
+# Licensed under the Apache License, Version 2.0.
+"""Analysis of trained DEX models: emergent modularity of the routing (pure array functions)."""
+
+from __future__ import annotations
+
+from .modularity import (
+    NMI_NORMALIZATIONS,
+    LinearProbeResult,
+    expert_usage,
+    expert_usage_from_json,
+    expert_usage_to_json,
+    linear_probe_modality_accuracy,
+    modality_expert_nmi,
+    plot_expert_usage_grid,
+    plot_modality_expert_heatmaps,
+)
+
+__all__ = [
+    "LinearProbeResult",
+    "NMI_NORMALIZATIONS",
+    "expert_usage",
+    "expert_usage_from_json",
+    "expert_usage_to_json",
+    "linear_probe_modality_accuracy",
+    "modality_expert_nmi",
+    "plot_expert_usage_grid",
+    "plot_modality_expert_heatmaps",
+]
