@@ -180,3 +180,19 @@ def test_canonical_names_of_reference_mae():
     assert set(decoder) == {"decoder_pos_embedding", "mask_token", "decoder_blocks.0.mlp.linear2.bias"}
     assert not other
     assert all(not re.search(r"\bfc\d", k) for k in list(encoder) + list(decoder))
+
+
+def test_2d_rgb_encoder_inflates_into_3d_grey_unetr():
+    source = DEXViT(3, 32, 16, spatial_dims=2, num_layers=4, num_experts=3, **TINY)
+    target = DEXUNETR(1, 2, 32, 16, spatial_dims=3, num_layers=4, num_experts=3, **TINY)
+    report = load_encoder_weights(target, source.state_dict())
+    assert report.ok and any("inflated" in n for n in report.notes)
+    assert any("position_embeddings" in n for n in report.notes)  # the 3D grid keeps its own sin-cos table
+    # a volume constant along depth embeds like its grey slice replicated into RGB
+    slice_2d = torch.rand(1, 1, 32, 32)
+    volume = slice_2d.unsqueeze(2).repeat(1, 1, 16, 1, 1)
+    conv3d = target.vit.patch_embedding.patch_embeddings
+    conv2d = source.patch_embedding.patch_embeddings
+    out3d = torch.nn.functional.conv3d(volume, conv3d.weight, None, stride=16)[:, :, 0]
+    out2d = torch.nn.functional.conv2d(slice_2d.repeat(1, 3, 1, 1), conv2d.weight, None, stride=16)
+    torch.testing.assert_close(out3d, out2d, atol=1e-5, rtol=1e-5)

@@ -34,6 +34,7 @@ __all__ = [
     "read_state_dict",
     "canonical_state_dict",
     "load_encoder_weights",
+    "adapt_patch_embedding",
     "dex_to_dense_state_dict",
     "export_to_monai",
 ]
@@ -265,12 +266,46 @@ def _fill(
                 "the target keeps its own position embedding."
             )
             continue
+        if key.endswith("patch_embedding.patch_embeddings.weight") and expected.shape != value.shape:
+            adapted = adapt_patch_embedding(value, tuple(expected.shape))
+            if adapted is not None:
+                report.notes.append(
+                    f"{name}: patch embedding {tuple(value.shape)} adapted to {tuple(expected.shape)} "
+                    "(channels summed or spread, 2D kernel inflated along depth and divided by its length)."
+                )
+                value = adapted
         if expected.shape != value.shape:
             report.mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs {model_name} {tuple(expected.shape)}")
             continue
         merged[key] = value.to(expected.dtype)
         report.loaded.append(name)
     return merged
+
+
+def adapt_patch_embedding(weight: torch.Tensor, target_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Fit a convolutional patch-embedding kernel to another channel count and/or from 2D to 3D.
+
+    ``[D, C_s, *k_s] -> [D, C_t, *k_t]``: a grey target (``C_t = 1``) takes the sum over source channels (equal to
+    feeding the grey image replicated into every channel); a grey source is spread evenly over ``C_t`` channels. A 2D
+    kernel ``[p, p]`` becomes 3D ``[p_d, p, p]`` by repetition along depth divided by ``p_d``, so a volume constant
+    along depth embeds like the 2D slice (I3D-style inflation). Returns ``None`` when no such rule applies.
+    """
+    if weight.dim() < 4 or len(target_shape) < 4 or weight.shape[0] != target_shape[0]:
+        return None
+    channels_t = target_shape[1]
+    if weight.shape[1] != channels_t:
+        if channels_t == 1:
+            weight = weight.sum(dim=1, keepdim=True)
+        elif weight.shape[1] == 1:
+            weight = weight.repeat(1, channels_t, *([1] * (weight.dim() - 2))) / channels_t
+        else:
+            return None
+    if weight.dim() == 4 and len(target_shape) == 5:
+        if tuple(weight.shape[2:]) != tuple(target_shape[3:]):
+            return None
+        depth = target_shape[2]
+        weight = weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+    return weight if tuple(weight.shape) == tuple(target_shape) else None
 
 
 def load_encoder_weights(
