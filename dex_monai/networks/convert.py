@@ -214,6 +214,8 @@ def _canonical_decoder(decoder: StateDict, notes: list[str]) -> StateDict:
 def _adapt_encoder(encoder: StateDict, target: DEXViT, report: ConversionReport) -> StateDict:
     """Turn canonical encoder tensors into the target's layout (dense <-> DEX), filling ``report``."""
     out: StateDict = {}
+    if target.mlp_type == "m4oe":
+        return _adapt_to_m4oe(encoder, target, report)
     for key, value in encoder.items():
         dense_mlp = re.match(r"blocks\.(\d+)\.mlp\.(linear[12])\.(weight|bias)$", key)
         director = re.match(r"blocks\.(\d+)\.dex\.director\.(linear[12])\.(weight|bias)$", key)
@@ -236,6 +238,28 @@ def _adapt_encoder(encoder: StateDict, target: DEXViT, report: ConversionReport)
         report.notes.append("dense MLP weights copied to every layer's director and to each of its experts.")
     if any(".dex.director." in k for k in encoder) and target.dense:
         report.notes.append("DEX directors exported as the dense MLPs; experts and routers left out.")
+    return out
+
+
+def _adapt_to_m4oe(encoder: StateDict, target: DEXViT, report: ConversionReport) -> StateDict:
+    """Dense MLPs or DEX directors initialise every modality expert of an M4oE encoder (its gates start fresh)."""
+    out: StateDict = {}
+    left_out: list[str] = []
+    has_m4oe = any(".m4oe." in k for k in encoder)
+    for key, value in encoder.items():
+        source = re.match(r"blocks\.(\d+)\.(?:mlp|dex\.director)\.(linear[12])\.(weight|bias)$", key)
+        if source and not has_m4oe:
+            layer, linear, kind = source.groups()
+            count = target.blocks[int(layer)].m4oe.num_experts if int(layer) < len(target.blocks) else 1
+            out[f"blocks.{layer}.m4oe.experts.{linear}_{kind}"] = value.unsqueeze(0).repeat(count, *([1] * value.dim()))
+        elif ".dex." in key:
+            left_out.append(key)
+        else:
+            out[key] = value
+    if left_out:
+        report.notes.append(f"DEX experts/routers not used by M4oE, left out ({len(left_out)} tensors).")
+    if not has_m4oe:
+        report.notes.append("dense MLP / DEX director weights copied into every modality expert; gates start fresh.")
     return out
 
 
@@ -347,12 +371,13 @@ def load_encoder_weights(
         report.notes.append(f"not encoder weights, left out: {sorted(other_sd)[:8]}")
 
     encoder_keys = {prefix + k for k in encoder.state_dict()}
-    source_is_dense = not any(".dex." in k for k in encoder_sd)
+    source_is_dense = not any(".dex." in k or ".m4oe." in k for k in encoder_sd)
     for key in target_state:
         if key in merged:
             continue
         name = key[len(prefix):]
-        if key not in encoder_keys or (source_is_dense and ".dex.router." in name):
+        fresh_gate = ".m4oe.gate." in name and not any(".m4oe." in k for k in encoder_sd)
+        if key not in encoder_keys or (source_is_dense and ".dex.router." in name) or fresh_gate:
             report.newly_initialised.append(key)
         elif name.endswith("position_embeddings") and any("position_embeddings" in n for n in report.notes):
             continue

@@ -9,8 +9,12 @@ import torch.nn as nn
 from monai.networks.blocks import MLPBlock, SABlock
 
 from dex_monai.networks.blocks.dex_layer import DEXLayer
+from dex_monai.networks.blocks.m4oe_layer import ModalityExpertLayer
 
-__all__ = ["DEXTransformerBlock", "expert_schedule", "top_k_schedule"]
+__all__ = ["DEXTransformerBlock", "MLP_TYPES", "expert_schedule", "top_k_schedule"]
+
+MLP_TYPES = ("dex", "m4oe", "dense")
+_MLP_ATTRIBUTE = {"dense": "mlp", "m4oe": "m4oe", "dex": "dex"}
 
 
 def expert_schedule(num_layers: int, min_experts: int, max_experts: int) -> list[int]:
@@ -37,8 +41,10 @@ def top_k_schedule(num_layers: int, min_top_k: int, max_top_k: int) -> list[int]
 class DEXTransformerBlock(nn.Module):
     """Pre-norm ViT block (MONAI ``SABlock`` attention) whose MLP is a :class:`DEXLayer`.
 
-    With ``dense=True`` the MLP is a plain MONAI ``MLPBlock`` stored as ``mlp``, so the block's state dict has the
-    same names as MONAI's ``TransformerBlock``; this is the monolithic baseline on the same code path.
+    ``mlp_type`` chooses the MLP: ``"dex"`` (a :class:`DEXLayer` stored as ``dex``), ``"m4oe"`` (modality experts
+    with a gating network, :class:`ModalityExpertLayer`, stored as ``m4oe``) or ``"dense"`` (a MONAI ``MLPBlock``
+    stored as ``mlp``, so the state dict has MONAI ``TransformerBlock``'s names: the monolithic baseline on the same
+    code path). ``dense=True`` is short for ``mlp_type="dense"``.
 
     Input and output: ``[B, N, D]``.
     """
@@ -57,14 +63,29 @@ class DEXTransformerBlock(nn.Module):
         dropout_rate: float = 0.0,
         qkv_bias: bool = True,
         dense: bool = False,
+        mlp_type: str = "dex",
+        modalities: tuple[str, ...] = (),
+        m4oe_stage: str = "gated",
+        m4oe_gate: str = "experts",
+        default_modality: str | None = None,
     ) -> None:
         super().__init__()
+        if dense:
+            mlp_type = "dense"
+        if mlp_type not in MLP_TYPES:
+            raise ValueError(f"unknown mlp_type {mlp_type!r}; expected one of {MLP_TYPES}.")
         self.norm1 = nn.LayerNorm(hidden_size)
         self.attn = SABlock(hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias, use_flash_attention=True)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.dense = dense
-        if dense:
+        self.mlp_type = mlp_type
+        self.dense = mlp_type == "dense"
+        if mlp_type == "dense":
             self.mlp = MLPBlock(hidden_size, mlp_dim, dropout_rate, act="GELU", dropout_mode="vit")
+        elif mlp_type == "m4oe":
+            self.m4oe = ModalityExpertLayer(
+                hidden_size, mlp_dim, modalities, stage=m4oe_stage, gate=m4oe_gate,
+                default_modality=default_modality, dropout_rate=dropout_rate,
+            )
         else:
             self.dex = DEXLayer(
                 hidden_size,
@@ -78,7 +99,11 @@ class DEXTransformerBlock(nn.Module):
                 dropout_rate=dropout_rate,
             )
 
+    @property
+    def feed_forward(self) -> nn.Module:
+        """The block's MLP, whichever type it is."""
+        return getattr(self, _MLP_ATTRIBUTE[self.mlp_type])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        mlp = self.mlp if self.dense else self.dex
-        return x + mlp(self.norm2(x))
+        return x + self.feed_forward(self.norm2(x))

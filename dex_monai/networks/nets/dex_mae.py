@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.layers import trunc_normal_
@@ -64,6 +66,16 @@ class DEXMaskedAutoEncoder(nn.Module):
         alignment_layer_weighting: divide layer l's alignment loss by ``L - l`` before averaging (public code).
         dense: plain MLPs in the encoder: the monolithic MAE baseline on the same code path.
         qkv_bias, dropout_rate: as in MONAI's ViT.
+        mlp_type, modalities, m4oe_stage, m4oe_gate, default_modality: encoder MLP family (see :class:`DEXViT`);
+            ``mlp_type="m4oe"`` with ``m4oe_stage="expert"`` pre-trains each modality expert on its own modality
+            (give the modality of every image with ``encoder.set_modality_ids``).
+        feature_reconstruction_weight: UMD's multi-level reconstruction: when positive, the decoder also predicts,
+            at the masked positions, the features an EMA teacher of the encoder computes from the whole image
+            (LayerNorm-ed, without affine, of the blocks in ``teacher_layers``); ``out["feature"]`` is this weight
+            times the mean squared error. The teacher follows the encoder with ``teacher_momentum`` at every
+            training forward.
+        teacher_momentum: EMA momentum of the teacher.
+        teacher_layers: encoder blocks (0-based) whose outputs are the feature targets; default the last.
     """
 
     def __init__(
@@ -95,6 +107,14 @@ class DEXMaskedAutoEncoder(nn.Module):
         dense: bool = False,
         qkv_bias: bool = True,
         dropout_rate: float = 0.0,
+        mlp_type: str = "dex",
+        modalities: Sequence[str] = (),
+        m4oe_stage: str = "expert",
+        m4oe_gate: str = "experts",
+        default_modality: str | None = None,
+        feature_reconstruction_weight: float = 0.0,
+        teacher_momentum: float = 0.996,
+        teacher_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < masking_ratio < 1.0:
@@ -131,6 +151,11 @@ class DEXMaskedAutoEncoder(nn.Module):
             dropout_rate=dropout_rate,
             qkv_bias=qkv_bias,
             dense=dense,
+            mlp_type=mlp_type,
+            modalities=modalities,
+            m4oe_stage=m4oe_stage,
+            m4oe_gate=m4oe_gate,
+            default_modality=default_modality,
         )
         self.in_channels = in_channels
         self.spatial_dims = spatial_dims
@@ -169,6 +194,18 @@ class DEXMaskedAutoEncoder(nn.Module):
             nn.init.xavier_uniform_(module.weight)
             nn.init.zeros_(module.bias)
 
+        if feature_reconstruction_weight < 0:
+            raise ValueError(f"feature_reconstruction_weight must be >= 0, got {feature_reconstruction_weight}.")
+        self.feature_reconstruction_weight = feature_reconstruction_weight
+        self.teacher_momentum = teacher_momentum
+        self.teacher_layers = list(teacher_layers) if teacher_layers is not None else [num_layers - 1]
+        if any(not 0 <= layer < num_layers for layer in self.teacher_layers):
+            raise ValueError(f"teacher_layers must be in [0, {num_layers}), got {self.teacher_layers}.")
+        self.teacher: DEXViT | None = None
+        if feature_reconstruction_weight > 0:
+            self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.feature_pred = nn.Linear(decoder_hidden_size, hidden_size * len(self.teacher_layers))
+
     def set_schedule_values(self, gema_momentum: float | None = None, noise_std: float | None = None) -> None:
         """Set GEMA momentum and router noise of every DEX layer (see :meth:`DEXViT.set_schedule_values`)."""
         self.encoder.set_schedule_values(gema_momentum=gema_momentum, noise_std=noise_std)
@@ -204,8 +241,32 @@ class DEXMaskedAutoEncoder(nn.Module):
         latent, _ = self.encoder.forward_blocks(self.encoder.prepend_cls(kept))
         return latent, mask, restore
 
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """EMA of the encoder into the teacher (UMD feature reconstruction)."""
+        if self.teacher is None:
+            return
+        m = self.teacher_momentum
+        for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
+            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+        for t, s in zip(self.teacher.buffers(), self.encoder.buffers()):
+            t.copy_(s)
+
+    @torch.no_grad()
+    def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher features of every patch, ``[B, n_patches, D * len(teacher_layers)]``."""
+        assert self.teacher is not None
+        self.teacher.eval()
+        _, hidden = self.teacher(images)
+        feats = [F.layer_norm(hidden[i][:, 1:], hidden[i].shape[-1:]) for i in self.teacher_layers]
+        return torch.cat(feats, dim=-1)
+
     def forward_decoder(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
         """``[B, 1 + n_keep, D] -> [B, n_patches, prod(patch) * C]``."""
+        return self.decoder_pred(self.decode_tokens(latent, restore))
+
+    def decode_tokens(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """Decoder features of every patch, ``[B, 1 + n_keep, D] -> [B, n_patches, decoder_hidden_size]``."""
         x = self.decoder_embed(latent)
         batch, kept, dim = x.shape
         n_patches = restore.shape[1]
@@ -216,7 +277,7 @@ class DEXMaskedAutoEncoder(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_norm(x)[:, 1:]
 
     def reconstruction_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error on the hidden patches (targets normalised per patch when ``norm_pix_loss``)."""
@@ -236,19 +297,28 @@ class DEXMaskedAutoEncoder(nn.Module):
 
         Returns:
             the reconstruction ``[B, C, *img_size]`` (in the normalised-patch space when ``norm_pix_loss``), and a
-            dict with scalar losses ``"mae"``, ``"alignment"``, ``"balance"``, the ``"mask"`` ``[B, n_patches]``
+            dict with scalar losses ``"mae"``, ``"alignment"``, ``"balance"``, ``"feature"`` (UMD feature
+            reconstruction, already weighted; 0 when off), the ``"mask"`` ``[B, n_patches]``
             (1 = hidden) and ``"routing"``: per layer ``{"indices": [B, K], "gates": [B, K]}`` (empty when dense).
         """
         ratio = self.masking_ratio if masking_ratio is None else masking_ratio
         latent, mask, restore = self.forward_encoder(images, ratio)
-        pred = self.forward_decoder(latent, restore)
+        decoded = self.decode_tokens(latent, restore)
+        pred = self.decoder_pred(decoded)
         losses = self.encoder.auxiliary_losses(self.alignment_layer_weighting)
         out: dict[str, Any] = {
             "mae": self.reconstruction_loss(images, pred, mask),
             "alignment": losses["alignment"],
             "balance": losses["balance"],
+            "feature": pred.new_zeros(()),
             "mask": mask,
             "routing": self.encoder.routing(),
         }
+        if self.teacher is not None:
+            if self.training:
+                self.update_teacher()
+            target = self.teacher_targets(images)
+            per_patch = ((self.feature_pred(decoded).float() - target.float()) ** 2).mean(dim=-1)
+            out["feature"] = self.feature_reconstruction_weight * (per_patch * mask).sum() / mask.sum()
         recon = unpatchify(pred, self.patch_size, self.img_size, self.in_channels)
         return recon, out

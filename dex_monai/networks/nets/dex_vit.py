@@ -12,6 +12,7 @@ from monai.utils import ensure_tuple_rep
 
 from dex_monai.networks.blocks.dex_layer import ALIGNMENT_LOSSES, DEX_MODES, ROUTING_TYPES, DEXLayer
 from dex_monai.networks.blocks.dex_transformer import DEXTransformerBlock, expert_schedule, top_k_schedule
+from dex_monai.networks.blocks.m4oe_layer import ModalityExpertLayer
 
 __all__ = ["DEXViT", "check_image_geometry"]
 
@@ -65,7 +66,10 @@ class DEXViT(nn.Module):
         pos_embed_type: MONAI position embedding type (``"sincos"``, ``"learnable"``, ``"none"``).
         dropout_rate: dropout rate.
         qkv_bias: bias of the attention's qkv projection.
-        dense: plain MLPs instead of DEX layers (the monolithic baseline).
+        dense: plain MLPs instead of DEX layers (the monolithic baseline); short for ``mlp_type="dense"``.
+        mlp_type: ``"dex"``, ``"m4oe"`` (modality experts + gating network, see
+            :class:`~dex_monai.networks.blocks.ModalityExpertLayer`) or ``"dense"``.
+        modalities, m4oe_stage, m4oe_gate, default_modality: the M4oE layers' settings (``mlp_type="m4oe"``).
     """
 
     def __init__(
@@ -92,8 +96,15 @@ class DEXViT(nn.Module):
         dropout_rate: float = 0.0,
         qkv_bias: bool = True,
         dense: bool = False,
+        mlp_type: str = "dex",
+        modalities: Sequence[str] = (),
+        m4oe_stage: str = "gated",
+        m4oe_gate: str = "experts",
+        default_modality: str | None = None,
     ) -> None:
         super().__init__()
+        if dense:
+            mlp_type = "dense"
         self.img_size, self.patch_size = check_image_geometry(img_size, patch_size, spatial_dims)
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
@@ -111,14 +122,15 @@ class DEXViT(nn.Module):
         self.spatial_dims = spatial_dims
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.dense = dense
+        self.mlp_type = mlp_type
+        self.dense = mlp_type == "dense"
         self.grid_size = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
         self.experts_per_layer = expert_schedule(
             num_layers, min_experts or num_experts, max_experts or min_experts or num_experts
         )
         self.top_k_per_layer = top_k_schedule(num_layers, min_top_k or top_k, max_top_k or min_top_k or top_k)
         for layer, (experts, k) in enumerate(zip(self.experts_per_layer, self.top_k_per_layer)):
-            if not dense and k > experts:
+            if mlp_type == "dex" and k > experts:
                 raise ValueError(f"layer {layer}: top_k={k} is larger than its number of experts ({experts}).")
 
         self.patch_embedding = PatchEmbeddingBlock(
@@ -148,7 +160,11 @@ class DEXViT(nn.Module):
                     alignment=alignment,
                     dropout_rate=dropout_rate,
                     qkv_bias=qkv_bias,
-                    dense=dense,
+                    mlp_type=mlp_type,
+                    modalities=tuple(modalities),
+                    m4oe_stage=m4oe_stage,
+                    m4oe_gate=m4oe_gate,
+                    default_modality=default_modality,
                 )
                 for experts, k in zip(self.experts_per_layer, self.top_k_per_layer)
             ]
@@ -160,8 +176,29 @@ class DEXViT(nn.Module):
         return int(self.patch_embedding.n_patches)
 
     def dex_layers(self) -> list[DEXLayer]:
-        """The DEX layers in depth order (empty when dense)."""
-        return [] if self.dense else [blk.dex for blk in self.blocks]
+        """The DEX layers in depth order (empty unless ``mlp_type="dex"``)."""
+        return [blk.dex for blk in self.blocks] if self.mlp_type == "dex" else []
+
+    def m4oe_layers(self) -> list[ModalityExpertLayer]:
+        """The M4oE layers in depth order (empty unless ``mlp_type="m4oe"``)."""
+        return [blk.m4oe for blk in self.blocks] if self.mlp_type == "m4oe" else []
+
+    def set_modality_ids(self, ids) -> None:
+        """M4oE: modality (name or expert id) of every image of the next forward passes; ``None`` clears."""
+        for layer in self.m4oe_layers():
+            layer.set_modality_ids(ids)
+
+    def set_m4oe_stage(self, stage: str) -> None:
+        """M4oE: ``"expert"`` (hard routing by modality) or ``"gated"`` (learned gate)."""
+        for layer in self.m4oe_layers():
+            layer.set_stage(stage)
+
+    def add_modality(self, name: str, init_from: str | None = None) -> None:
+        """M4oE: add an expert for a new modality in every layer, leaving the other modalities' outputs unchanged."""
+        if not self.m4oe_layers():
+            raise ValueError("add_modality needs mlp_type='m4oe'.")
+        for layer in self.m4oe_layers():
+            layer.add_modality(name, init_from)
 
     def set_mode(self, mode: str) -> None:
         """Set the mode of every DEX layer (``"pretrain"``, ``"experts"`` or ``"director"``)."""
@@ -234,5 +271,8 @@ class DEXViT(nn.Module):
         return {"alignment": alignment, "balance": balance}
 
     def routing(self) -> list[dict[str, torch.Tensor]]:
-        """Per layer the experts chosen in the last forward: ``{"indices": [B, K], "gates": [B, K]}``."""
-        return [layer.routing for layer in self.dex_layers()]
+        """Per layer the experts chosen in the last forward: ``{"indices": [B, K], "gates": [B, K]}``.
+
+        For M4oE layers: the modality expert (expert stage) or the expert with the largest mean gate (gated stage).
+        """
+        return [layer.routing for layer in self.dex_layers() + self.m4oe_layers()]
