@@ -10,6 +10,7 @@ Examples::
 
     python scripts/transfer_benchmark.py                                   # default CPU run (2 cores: < 60 min)
     python scripts/transfer_benchmark.py --pretrain-steps 20 --finetune-steps 5 --max-train 32   # smoke test
+    python scripts/transfer_benchmark.py --inits dex dense none dex_umd m4oe --tasks mixed_seg2d busi_cls --gm-coord
     python scripts/transfer_benchmark.py --hidden-size 384 --num-layers 12 --pretrain-steps 20000 --img-size 224 \
         --patch-size 16 --tasks busi_cls pneumonia_cls em_membrane_seg hippocampus_seg3d adrenal_cls3d   # on a GPU
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dex_monai.benchmark.transfer import TASKS, BenchmarkConfig, run_transfer_benchmark  # noqa: E402
+from dex_monai.benchmark.transfer import INITS, TASKS, BenchmarkConfig, run_transfer_benchmark  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> BenchmarkConfig:
@@ -36,8 +37,10 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkConfig:
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         if isinstance(value, (tuple, list)):
-            choices = sorted(TASKS) if f.name == "tasks" else None
+            choices = sorted(TASKS) if f.name == "tasks" else sorted(INITS) if f.name == "inits" else None
             parser.add_argument(flag, nargs="+", default=list(value), choices=choices)
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif value is None:
             parser.add_argument(flag, default=None, help="MLflow tracking URI ('none' disables tracking)")
         else:

@@ -64,3 +64,23 @@ def test_cli_rejects_unknown_task():
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_accepts_related_system_options(shared_data, tmp_path):
+    from dex_monai.benchmark import BenchmarkConfig, run_transfer_benchmark
+
+    cfg = BenchmarkConfig(
+        data_root=str(shared_data), out_dir=str(tmp_path), tracking_uri="none", tasks=("mixed_seg2d",),
+        inits=("dex_umd", "m4oe"), gm_coord=True, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
+        num_layers=2, num_heads=4, num_experts=3, decoder_hidden_size=24, pretrain_steps=3, pretrain_batch=6,
+        pretrain_images_per_modality=8, finetune_steps=3, finetune_batch=6, max_train=8, max_eval=8,
+        probe_images_per_modality=6,
+    )
+    result = run_transfer_benchmark(cfg)
+    details = result["details"]["mixed_seg2d"]
+    for init in ("dex_umd", "m4oe"):
+        coefficients = {k: v for k, v in details[init].items() if k.startswith("gm_coef_")}
+        assert set(coefficients) == {"gm_coef_MR", "gm_coef_pathology"}
+        assert all(0.0 < v <= 1.0 for v in coefficients.values())
+    assert "nmi_per_layer" in result["modularity"]["dex_umd"] and "nmi_per_layer" not in result["modularity"]["m4oe"]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from dex_monai.networks import DEXClassifier, DEXMaskedAutoEncoder, DEXUNETR, load_encoder_weights
 
-__all__ = ["BenchmarkConfig", "Task", "TASKS", "run_transfer_benchmark", "build_pretraining_images"]
+__all__ = ["BenchmarkConfig", "INITS", "Task", "TASKS", "run_transfer_benchmark", "build_pretraining_images"]
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -48,6 +48,9 @@ class BenchmarkConfig:
     tasks: Sequence[str] = ("busi_cls", "pneumonia_cls", "em_membrane_seg", "hippocampus_seg3d")
     inits: Sequence[str] = ("dex", "dense", "none")
     dex_finetune_mode: str = "experts"
+    gm_coord: bool = False
+    gm_coord_alpha: float = 0.5
+    umd_feature_weight: float = 1.0
     img_size: int = 64
     volume_size: int = 32
     patch_size: int = 8
@@ -87,6 +90,18 @@ class TaskData:
     spatial_dims: int
     kind: str  # "classification" | "segmentation"
     modality: str
+    train_modalities: list[str] | None = None  # per training item, for tasks that mix modalities
+
+
+#: initialisation name -> (pre-training kind or None, fine-tuning encoder settings)
+INITS: dict[str, tuple[str | None, dict]] = {
+    "dex": ("dex", {"mode": None}),  # fine-tuned through BenchmarkConfig.dex_finetune_mode
+    "dex_director": ("dex", {"mode": "director"}),
+    "dense": ("dense", {"dense": True}),
+    "none": (None, {"dense": True}),
+    "dex_umd": ("dex_umd", {"mode": None}),  # DEX MAE + UMD multi-level (EMA-teacher feature) reconstruction
+    "m4oe": ("m4oe", {"mlp_type": "m4oe", "m4oe_stage": "gated"}),  # experts pre-trained on their own modality
+}
 
 
 @dataclass
@@ -235,6 +250,23 @@ def load_adrenal(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> 
                     "classification", "CT")
 
 
+def load_mixed_foreground(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
+    """Two modalities in one binary segmentation task: MR hippocampus slices and EM membranes (foreground vs rest)."""
+    em = load_em_membranes(root, cfg, np.random.default_rng(cfg.seed))
+    hippo = load_hippocampus(root, BenchmarkConfig(**{**asdict(cfg), "volume_size": cfg.img_size}), rng)
+
+    def slices(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = x.shape[-1] // 2
+        return _to_rgb_normalised(x[..., mid]), (y[..., mid] > 0).long()
+
+    hx, hy = slices(hippo.train_x, hippo.train_y)
+    ex_, ey_ = slices(hippo.eval_x, hippo.eval_y)
+    train_x, train_y = torch.cat([em.train_x, hx]), torch.cat([em.train_y, hy])
+    modalities = ["pathology"] * len(em.train_x) + ["MR"] * len(hx)
+    return TaskData(train_x, train_y, torch.cat([em.eval_x, ex_]), torch.cat([em.eval_y, ey_]), 2, 2, "segmentation",
+                    "pathology+MR", train_modalities=modalities)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -243,6 +275,7 @@ TASKS: dict[str, Task] = {
         Task("em_membrane_seg", "pathology", "segmentation", 2, load_em_membranes, "em/isbi2012"),
         Task("hippocampus_seg3d", "MR", "segmentation", 3, load_hippocampus, "mr/hippocampus"),
         Task("adrenal_cls3d", "CT", "classification", 3, load_adrenal, "medmnist/adrenalmnist3d.npz"),
+        Task("mixed_seg2d", "pathology+MR", "segmentation", 2, load_mixed_foreground, "em/isbi2012 + mr/hippocampus"),
     )
 }
 
@@ -340,17 +373,35 @@ def _mlflow_run(mlflow, cfg: BenchmarkConfig, name: str, tags: dict, params: dic
     return run
 
 
+def _pretrain_options(kind: str, cfg: BenchmarkConfig, modality_names: Sequence[str]) -> dict:
+    if kind == "dense":
+        return {"dense": True}
+    if kind == "dex_umd":
+        return {"feature_reconstruction_weight": cfg.umd_feature_weight}
+    if kind == "m4oe":
+        return {"mlp_type": "m4oe", "modalities": tuple(modality_names), "m4oe_stage": "expert"}
+    if kind == "dex":
+        return {}
+    raise ValueError(f"unknown pre-training kind {kind!r}")
+
+
 def pretrain(
-    kind: str, images: torch.Tensor, cfg: BenchmarkConfig, mlflow, tags: dict, out_dir: Path
+    kind: str, images: torch.Tensor, cfg: BenchmarkConfig, mlflow, tags: dict, out_dir: Path,
+    modalities: Sequence[str] = (),
 ) -> tuple[DEXMaskedAutoEncoder, Path]:
-    """Pre-train a ``dex`` or ``dense`` MAE on ``images`` ``[N, 3, S, S]``; return it and its checkpoint path."""
+    """Pre-train an MAE of ``kind`` (``dex``, ``dense``, ``dex_umd``, ``m4oe``) on ``images`` ``[N, 3, S, S]``.
+
+    ``modalities`` names every image's modality (M4oE trains each expert on its own modality). Returns the model and
+    its checkpoint path.
+    """
     torch.manual_seed(cfg.seed)
+    modality_names = sorted(set(modalities))
     model = DEXMaskedAutoEncoder(
         3, cfg.img_size, cfg.patch_size, spatial_dims=2, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_experts=cfg.num_experts, top_k=cfg.top_k,
         decoder_hidden_size=cfg.decoder_hidden_size, decoder_mlp_dim=4 * cfg.decoder_hidden_size,
-        decoder_num_layers=cfg.decoder_num_layers, decoder_num_heads=4, dense=kind == "dense",
-        **cfg.extra_pretrain_options,
+        decoder_num_layers=cfg.decoder_num_layers, decoder_num_heads=4,
+        **_pretrain_options(kind, cfg, modality_names), **cfg.extra_pretrain_options,
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.pretrain_lr,
                                   weight_decay=0.05, betas=(0.9, 0.95))
@@ -372,8 +423,10 @@ def pretrain(
         batch = images[idx]
         if torch.rand((), generator=generator) < 0.5:
             batch = batch.flip(-1)
+        if kind == "m4oe":
+            model.encoder.set_modality_ids([modalities[i] for i in idx.tolist()])
         _, out = model(batch)
-        loss = out["mae"] + cfg.lambda_co * out["alignment"] + cfg.lambda_bal * out["balance"]
+        loss = out["mae"] + out["feature"] + cfg.lambda_co * out["alignment"] + cfg.lambda_bal * out["balance"]
         if not torch.isfinite(loss):
             skipped += 1
             continue
@@ -382,9 +435,11 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if mlflow and (step % 10 == 0 or step == cfg.pretrain_steps - 1):
-            mlflow.log_metrics({"loss": float(loss), "mae_loss": float(out["mae"]),
+            mlflow.log_metrics({"loss": float(loss), "mae_loss": float(out["mae"]), "feature_loss": float(out["feature"]),
                                 "alignment_loss": float(out["alignment"]), "balance_loss": float(out["balance"]),
                                 "lr": lr}, step=step)
+    if kind == "m4oe":
+        model.encoder.set_modality_ids(None)
     path = out_dir / f"pretrain_{kind}.pt"
     torch.save({"model": model.state_dict()}, path)
     if mlflow:
@@ -393,15 +448,19 @@ def pretrain(
     return model, path
 
 
-def _build_downstream(task: Task, data: TaskData, cfg: BenchmarkConfig, init: str) -> torch.nn.Module:
+def _build_downstream(
+    task: Task, data: TaskData, cfg: BenchmarkConfig, init: str, modality_names: Sequence[str] = ()
+) -> torch.nn.Module:
     in_channels = data.train_x.shape[1]
     size = cfg.img_size if task.spatial_dims == 2 else cfg.volume_size
-    mode = cfg.dex_finetune_mode if init.startswith("dex") else "director"
-    if init == "dex_director":
-        mode = "director"
+    settings = dict(INITS[init][1])
+    if "mode" in settings:
+        settings["mode"] = settings["mode"] or cfg.dex_finetune_mode
+    if settings.get("mlp_type") == "m4oe":
+        settings["modalities"] = tuple(modality_names)
     kwargs = dict(
         hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-        num_experts=cfg.num_experts, top_k=cfg.top_k, mode=mode, dense=init in ("dense", "none"),
+        num_experts=cfg.num_experts, top_k=cfg.top_k, **settings,
     )
     if data.kind == "segmentation":
         return DEXUNETR(in_channels, data.num_classes, size, cfg.patch_size, spatial_dims=task.spatial_dims,
@@ -442,13 +501,20 @@ def _evaluate(model: torch.nn.Module, data: TaskData, batch: int) -> dict[str, f
 
 
 def finetune(
-    task: Task, data: TaskData, cfg: BenchmarkConfig, init: str, checkpoint: Path | None, mlflow, tags: dict
+    task: Task, data: TaskData, cfg: BenchmarkConfig, init: str, checkpoint: Path | None, mlflow, tags: dict,
+    modality_names: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Fine-tune one initialisation on one task and return its held-out metrics (``score`` = AUC or Dice)."""
+    """Fine-tune one initialisation on one task and return its held-out metrics (``score`` = AUC or Dice).
+
+    With ``cfg.gm_coord`` and a task that mixes modalities, the loss is UMD's GM-Coord (:class:`GMCoordLoss`) and the
+    final per-modality coefficients are returned as ``gm_coef_<modality>``.
+    """
     from monai.losses import DiceCELoss
 
+    from dex_monai.engines.gm_coord import GMCoordLoss
+
     torch.manual_seed(cfg.seed)
-    model = _build_downstream(task, data, cfg, init)
+    model = _build_downstream(task, data, cfg, init, modality_names)
     notes = ""
     if checkpoint is not None:
         report = load_encoder_weights(model, checkpoint, strict=True)
@@ -456,6 +522,9 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if data.kind == "segmentation" else torch.nn.CrossEntropyLoss()
+    coordinated = cfg.gm_coord and data.train_modalities is not None
+    if coordinated:
+        loss_fn = GMCoordLoss(loss_fn, alpha=cfg.gm_coord_alpha)
     generator = torch.Generator().manual_seed(cfg.seed)
     warmup = max(1, int(cfg.warmup_fraction * cfg.finetune_steps))
     _ = _mlflow_run(mlflow, cfg, f"{task.name}-{init}", {**tags, "stage": "finetune", "init": init, "task": task.name},
@@ -472,6 +541,8 @@ def finetune(
         x, y = data.train_x[idx], data.train_y[idx]
         if torch.rand((), generator=generator) < 0.5:
             x, y = x.flip(-1), (y.flip(-1) if data.kind == "segmentation" else y)
+        if coordinated:
+            loss_fn.set_modalities([data.train_modalities[i] for i in idx.tolist()])
         logits = model(x)
         loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -480,7 +551,11 @@ def finetune(
         optimizer.step()
         if mlflow and (step % 10 == 0 or step == cfg.finetune_steps - 1):
             mlflow.log_metric("train_loss", float(loss), step=step)
+            if coordinated:
+                mlflow.log_metrics({f"gm_coef_{m}": k for m, k in loss_fn.coefficients.items()}, step=step)
     metrics = _evaluate(model, data, cfg.finetune_batch)
+    if coordinated:
+        metrics.update({f"gm_coef_{m}": k for m, k in loss_fn.coefficients.items()})
     metrics["train_seconds"] = time.perf_counter() - start
     if mlflow:
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
@@ -508,8 +583,8 @@ def encoder_routing_and_features(
         for i in range(0, images.shape[0], 64):
             tokens, _ = encoder(images[i : i + 64])
             feats.append(tokens[:, 0])
-            for layer, record in enumerate(encoder.routing()):
-                routes[layer].append(record["indices"])
+            for layer, record in zip(encoder.dex_layers(), routes):
+                record.append(layer.routing["indices"])
     return [torch.cat(r).numpy() for r in routes], torch.cat(feats).numpy()
 
 
@@ -564,10 +639,13 @@ def run_transfer_benchmark(cfg: BenchmarkConfig) -> dict:
     started = time.perf_counter()
     pools = collect_pretraining_pools(root, cfg)
     images, modalities = draw_images(pools, rng, cfg.pretrain_images_per_modality)
+    unknown_inits = [i for i in cfg.inits if i not in INITS]
+    if unknown_inits:
+        raise ValueError(f"unknown initialisation(s) {unknown_inits}; known: {sorted(INITS)}")
+    modality_names = sorted(set(modalities))
     pretrained: dict[str, tuple[DEXMaskedAutoEncoder, Path]] = {}
-    for kind in ("dex", "dense"):
-        if any(i == kind or (kind == "dex" and i.startswith("dex")) for i in cfg.inits):
-            pretrained[kind] = pretrain(kind, images, cfg, mlflow, tags, out_dir)
+    for kind in dict.fromkeys(INITS[i][0] for i in cfg.inits if INITS[i][0] is not None):
+        pretrained[kind] = pretrain(kind, images, cfg, mlflow, tags, out_dir, modalities)
 
     table: dict[str, dict[str, float]] = {}
     details: dict[str, dict[str, dict[str, float]]] = {}
@@ -576,9 +654,9 @@ def run_transfer_benchmark(cfg: BenchmarkConfig) -> dict:
         data = task.loader(root, cfg, np.random.default_rng(cfg.seed))
         table[name], details[name] = {}, {}
         for init in cfg.inits:
-            source = "dex" if init.startswith("dex") else init
-            checkpoint = pretrained[source][1] if source in pretrained else None
-            metrics = finetune(task, data, cfg, init, checkpoint, mlflow, tags)
+            source = INITS[init][0]
+            checkpoint = pretrained[source][1] if source is not None else None
+            metrics = finetune(task, data, cfg, init, checkpoint, mlflow, tags, modality_names)
             table[name][init] = metrics["score"]
             details[name][init] = metrics
 
@@ -586,20 +664,22 @@ def run_transfer_benchmark(cfg: BenchmarkConfig) -> dict:
     probe_images, probe_modalities = draw_images(pools, np.random.default_rng(cfg.seed + 1), cfg.probe_images_per_modality)
     modularity: dict[str, dict] = {}
     files: dict[str, str] = {}
-    for init in ("dex", "dense", "none"):
-        if init not in pretrained and init != "none":
-            continue
+    for init in [*pretrained, "none"]:
         model = pretrained[init][0] if init in pretrained else None
-        routes, feats = encoder_routing_and_features(model, probe_images, cfg, dense=init != "dex")
+        if init == "m4oe":
+            model.encoder.set_m4oe_stage("gated")  # the expert stage would route by the (known) modality
+        routes, feats = encoder_routing_and_features(model, probe_images, cfg, dense=init not in ("dex", "dex_umd"))
+        if init not in ("dex", "dex_umd"):
+            routes = []
         probe = linear_probe_modality_accuracy(feats, probe_modalities, seed=cfg.seed)
         entry = {"probe_modality_accuracy": float(probe.accuracy), "probe_chance": float(probe.chance)}
         if routes:
             nmi = modality_expert_nmi(routes, probe_modalities)
             usage = expert_usage(routes, probe_modalities)
             entry["nmi_per_layer"] = [float(v) for v in nmi]
-            heatmap = out_dir / "modularity_dex_expert_usage.png"
-            plot_modality_expert_heatmaps(usage, heatmap, title="DEX: expert use per modality (layers x experts)")
-            files["heatmap"] = str(heatmap)
+            heatmap = out_dir / f"modularity_{init}_expert_usage.png"
+            plot_modality_expert_heatmaps(usage, heatmap, title=f"{init}: expert use per modality (layers x experts)")
+            files["heatmap" if init == "dex" else f"heatmap_{init}"] = str(heatmap)
             entry["usage"] = {m: np.nan_to_num(u).tolist() for m, u in usage.items()}
         modularity[init] = entry
 
