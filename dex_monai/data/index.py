@@ -1,0 +1,869 @@
+"""Dataset index (MedVerse-style): scan folders of images into a MONAI (decathlon-style) datalist.
+
+Command line::
+
+    python -m dex_monai.data.index SRC [SRC ...] --out datalist.json \\
+        [--rules RULES.yaml ...] [--rule "PATTERN=MODALITY" ...] [--relative] [--header-only] [--quiet]
+
+For every usable image the ``training`` list gets its path, modality (with where it came from),
+format, dimensionality, size, spacing, slice count and source folder. Headers are read, not pixels,
+for the metadata; the pixels are then decoded once to reject what cannot be used (skip that with
+``--header-only``). Files that cannot be used go to ``rejected`` with ``"<category>: <detail>"``
+(categories: empty, corrupt, truncated, unreadable compression, constant, non-finite,
+unsupported, unknown modality, no pixel data). Label / mask files go to ``label_files`` (and are
+attached as ``label`` to their image when the layout pairs them). A modality summary is printed
+at the end. The run exits non-zero only when nothing usable was found. Source files are only read.
+The JSON is deterministic: re-running on the same folders gives the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from dex_monai.data.modality import (
+    LABEL_DICOM_MODALITIES,
+    MODALITIES,
+    MODALITY_INDEX,
+    ModalityRules,
+    modality_from_dicom,
+)
+from dex_monai.data.readers import (
+    ImageDecodeError,
+    _pil_convert,
+    decode_dicom_pixels,
+    dicom_pixel_spacing,
+    image_format,
+    is_colour_last,
+    medmnist_splits,
+    npz_array_info,
+    transfer_syntax_description,
+)
+
+__all__ = ["RejectedFile", "build_datalist", "write_datalist", "format_summary", "main"]
+
+REJECT_CATEGORIES = (
+    "empty",
+    "corrupt",
+    "truncated",
+    "unreadable compression",
+    "constant",
+    "non-finite",
+    "unsupported",
+    "unknown modality",
+    "no pixel data",
+)
+
+_IMAGE_DIR_TO_LABEL_DIRS = {
+    "imagestr": ("labelsTr",),
+    "imagests": ("labelsTs",),
+    "images": ("labels", "masks"),
+    "image": ("label", "labels", "mask", "masks"),
+    "imgs": ("labels", "masks"),
+}
+
+
+class RejectedFile(Exception):
+    """A file the index cannot use: ``category`` (one of :data:`REJECT_CATEGORIES`) and a detail."""
+
+    def __init__(self, category: str, detail: str) -> None:
+        super().__init__(f"{category}: {detail}")
+        self.category = category
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _classify(exc: BaseException) -> RejectedFile:
+    """Map a decoder exception to a rejection category."""
+    if isinstance(exc, RejectedFile):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if isinstance(exc, EOFError) or any(
+        k in low
+        for k in (
+            "truncated",
+            "ended before",
+            "end of file",
+            "unexpected end",
+            "less than expected",
+            "could only read",
+            "not fully written",
+            "fewer bytes",
+        )
+    ):
+        return RejectedFile("truncated", text)
+    if any(k in low for k in ("plugins are missing", "no pixel data handler", "unable to decompress", "unable to decode")):
+        return RejectedFile("unreadable compression", text)
+    return RejectedFile("corrupt", text)
+
+
+def _check_pixels(arr: np.ndarray) -> None:
+    """Reject empty, non-finite and constant pixel arrays."""
+    if arr.size == 0:
+        raise RejectedFile("empty", "the image has no pixels")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise RejectedFile("non-finite", f"{bad} NaN/Inf values")
+    if arr.dtype.kind == "O":
+        raise RejectedFile("unsupported", "object array")
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:
+        raise RejectedFile("constant", f"all pixels are {lo.item() if hasattr(lo, 'item') else lo}")
+
+
+def _round(values: Iterable[float] | None) -> list[float] | None:
+    if values is None:
+        return None
+    return [round(float(v), 6) for v in values]
+
+
+class _LogCapture(logging.Handler):
+    """Collects warnings logged by pydicom while a file is read (they reveal truncation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _pydicom_warnings() -> Iterator[_LogCapture]:
+    """Collect what pydicom logs or warns while reading a file (instead of printing it)."""
+    logger = logging.getLogger("pydicom")
+    handler = _LogCapture()
+    logger.addHandler(handler)
+    old = logger.propagate
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield handler
+        handler.messages.extend(str(w.message) for w in caught)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old
+
+
+def _read_dicom(path: str, pixels: bool) -> Any:
+    """Read a DICOM file with pydicom; raise :class:`RejectedFile` with the right category."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if os.path.getsize(path) == 0:
+        raise RejectedFile("empty", "0 bytes")
+    with _pydicom_warnings() as log:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        except InvalidDicomError as e:
+            raise RejectedFile("corrupt", f"not a valid DICOM file ({e})") from e
+        except Exception as e:
+            raise _classify(e) from e
+    ended = [m for m in log.messages if "end of file" in m.lower() or "truncat" in m.lower()]
+    if ended:
+        raise RejectedFile("truncated", ended[0])
+    if pixels and "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if "Rows" in ds or "Columns" in ds:
+            raise RejectedFile("truncated", "image attributes present but the file ends before the pixel data")
+        raise RejectedFile("no pixel data", f"DICOM object without pixel data (SOP class {ds.get('SOPClassUID', '?')})")
+    if not pixels and "Rows" not in ds and "Columns" not in ds:
+        raise RejectedFile("no pixel data", f"DICOM object without image attributes (Modality {ds.get('Modality', '?')})")
+    return ds
+
+
+def _dicom_pixels(path: str) -> np.ndarray:
+    ds = _read_dicom(path, pixels=True)
+    try:
+        return decode_dicom_pixels(ds, path)
+    except ImageDecodeError as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        rej = _classify(cause)
+        if rej.category == "corrupt" and "compress" in transfer_syntax_description(ds).lower():
+            rej = RejectedFile("unreadable compression", str(e))
+        raise RejectedFile(rej.category, str(e)) from e
+
+
+def _dicom_dtype(ds: Any) -> str:
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits <= 8:
+        return "int8" if signed else "uint8"
+    if bits <= 16:
+        return "int16" if signed else "uint16"
+    return "int32" if signed else "uint32"
+
+
+def _photometric_channels(ds: Any) -> int:
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        return 3
+    return int(ds.get("SamplesPerPixel", 1) or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# describing files (header first, then pixels)
+# ----------------------------------------------------------------------------------------------
+
+
+def _describe_nifti(path: str, check_pixels: bool) -> list[dict]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+        zooms = img.header.get_zooms()
+        dtype = np.dtype(img.get_data_dtype()).name
+    except Exception as e:
+        raise _classify(e) from e
+    if len(shape) > 3 and any(s > 1 for s in shape[3:]):
+        raise RejectedFile("unsupported", f"{len(shape)}-D NIfTI {shape} (time series); split it into 3-D volumes")
+    shape = shape[:3]
+    if 0 in shape:
+        raise RejectedFile("empty", f"shape {shape}")
+    dim = 3 if len(shape) == 3 and shape[2] > 1 else 2
+    size = list(shape[:dim])
+    if check_pixels:
+        try:
+            arr = np.asanyarray(img.dataobj)
+        except Exception as e:
+            raise _classify(e) from e
+        _check_pixels(arr)
+    elif not path.lower().endswith(".gz"):
+        offset = int(getattr(img.dataobj, "offset", 0) or img.header.get("vox_offset", 0))
+        need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if os.path.getsize(path) < need:
+            raise RejectedFile("truncated", f"{os.path.getsize(path)} bytes, the header needs {need}")
+    return [
+        {
+            "dim": dim,
+            "size": size,
+            "spacing": _round(zooms[:dim]),
+            "num_slices": size[2] if dim == 3 else 1,
+            "channels": 1,
+            "dtype": dtype,
+        }
+    ]
+
+
+def _describe_pil(path: str, check_pixels: bool) -> list[dict]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            width, height, mode = im.width, im.height, im.mode
+            if check_pixels:
+                im.load()
+                arr = np.asarray(_pil_convert(im))
+    except UnidentifiedImageError as e:
+        raise RejectedFile("corrupt", f"not a readable image ({e})") from e
+    except Exception as e:
+        raise _classify(e) from e
+    if width == 0 or height == 0:
+        raise RejectedFile("empty", f"size {width}x{height}")
+    if check_pixels:
+        _check_pixels(arr)
+    channels = 1 if mode in ("L", "LA", "La", "1", "I", "F") or mode.startswith("I;") else 3
+    dtype = "uint16" if mode.startswith("I;16") else ("int32" if mode == "I" else ("float32" if mode == "F" else "uint8"))
+    return [{"dim": 2, "size": [width, height], "spacing": None, "num_slices": 1, "channels": channels, "dtype": dtype}]
+
+
+def _describe_itk(path: str, check_pixels: bool) -> list[dict]:
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise RejectedFile("corrupt", "ITK finds no reader able to read the file")
+    try:
+        io.SetFileName(path)
+        io.ReadImageInformation()
+        nd = int(io.GetNumberOfDimensions())
+        dims = [int(io.GetDimensions(i)) for i in range(nd)]
+        spacing = [float(io.GetSpacing(i)) for i in range(nd)]
+        comps = int(io.GetNumberOfComponents())
+        ctype = str(io.GetComponentTypeAsString(io.GetComponentType()))
+    except Exception as e:
+        raise _classify(e) from e
+    if nd > 3:
+        raise RejectedFile("unsupported", f"{nd}-D image")
+    if 0 in dims:
+        raise RejectedFile("empty", f"size {dims}")
+    dim = 3 if nd == 3 and dims[2] > 1 else 2
+    if check_pixels:
+        try:
+            arr = itk.array_from_image(itk.imread(path))
+        except Exception as e:
+            raise _classify(e) from e
+        _check_pixels(arr)
+    itk_types = {"unsigned_char": "uint8", "char": "int8", "unsigned_short": "uint16", "short": "int16", "float": "float32"}
+    return [
+        {
+            "dim": dim,
+            "size": dims[:dim],
+            "spacing": _round(spacing[:dim]),
+            "num_slices": dims[2] if dim == 3 else 1,
+            "channels": comps,
+            "dtype": itk_types.get(ctype, ctype),
+        }
+    ]
+
+
+def _array_layout(shape: Sequence[int]) -> tuple[int, list[int], int]:
+    """(dim, size, channels) of one image array as numpy stores it ([H, W], [H, W, 3], [D, H, W])."""
+    if len(shape) == 2:
+        return 2, [shape[1], shape[0]], 1
+    if is_colour_last(shape):
+        return 2, [shape[1], shape[0]], 3
+    if len(shape) == 3:
+        return 3, list(shape), 1
+    raise RejectedFile("unsupported", f"array of shape {tuple(shape)}: expected [H, W], [H, W, 3] or [D, H, W]")
+
+
+def _describe_npy(path: str, check_pixels: bool) -> list[dict]:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise RejectedFile("unsupported", f"object (pickled) array: {e}") from e
+        raise _classify(e) from e
+    except Exception as e:
+        raise _classify(e) from e
+    dim, size, channels = _array_layout(arr.shape)
+    if check_pixels:
+        try:
+            full = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise _classify(e) from e
+        _check_pixels(full)
+    return [
+        {
+            "dim": dim,
+            "size": size,
+            "spacing": None,
+            "num_slices": size[2] if dim == 3 else 1,
+            "channels": channels,
+            "dtype": np.dtype(arr.dtype).name,
+        }
+    ]
+
+
+def _describe_npz(path: str, check_pixels: bool) -> list[dict]:
+    try:
+        info = npz_array_info(path)
+    except zipfile.BadZipFile as e:
+        with open(path, "rb") as f:
+            starts_like_zip = f.read(4) == b"PK\x03\x04"
+        raise RejectedFile("truncated" if starts_like_zip else "corrupt", f"not a complete zip archive ({e})") from e
+    except Exception as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise RejectedFile("unsupported", f"object (pickled) array: {e}") from e
+        raise _classify(e) from e
+    if not info:
+        raise RejectedFile("empty", "no arrays in the npz")
+    splits = medmnist_splits(list(info))
+    if splits:
+        groups = [(img_key, lab_key, True) for img_key, lab_key in splits]
+    else:  # arrays of fewer than 2 dimensions (labels, spacings...) are not images
+        groups = [(key, None, False) for key, (shape, _) in info.items() if len(shape) >= 2]
+        if not groups:
+            raise RejectedFile("unsupported", f"no image-shaped array in the npz ({sorted(info)})")
+    out = []
+    data = np.load(path, allow_pickle=False) if check_pixels else None
+    try:
+        for key, lab_key, stacked in groups:
+            shape, dtype = info[key]
+            if dtype == "object":
+                raise RejectedFile("unsupported", f"'{key}' is an object (pickled) array")
+            if stacked:
+                if len(shape) < 3:
+                    raise RejectedFile("unsupported", f"'{key}' of shape {shape} is not a stack of images")
+                n = shape[0]
+                dim, size, channels = _array_layout(shape[1:])
+                if n == 0:
+                    raise RejectedFile("empty", f"'{key}' holds no images")
+            else:
+                dim, size, channels = _array_layout(shape)
+                n = 1
+            if data is not None:
+                try:
+                    arr = data[key]
+                except Exception as e:
+                    raise _classify(e) from e
+                _check_pixels(arr)
+            entry: dict[str, Any] = {
+                "dim": dim,
+                "size": size,
+                "spacing": None,
+                "num_slices": n * (size[2] if dim == 3 else 1),
+                "channels": channels,
+                "dtype": dtype,
+                "npz_key": key,
+            }
+            if stacked:
+                entry["num_images"] = n
+                entry["split"] = key[: -len("_images")]
+                if lab_key:
+                    entry["label_key"] = lab_key
+            out.append(entry)
+    finally:
+        if data is not None:
+            data.close()
+    return out
+
+
+_DESCRIBERS = {
+    "nifti": _describe_nifti,
+    "png": _describe_pil,
+    "jpeg": _describe_pil,
+    "tiff": _describe_pil,
+    "bmp": _describe_pil,
+    "nrrd": _describe_itk,
+    "metaimage": _describe_itk,
+    "npy": _describe_npy,
+    "npz": _describe_npz,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM folders: series vs single objects
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_volume_series(headers: list[tuple[str, Any]]) -> bool:
+    """Several single-frame slices of one size and orientation at distinct positions make a volume."""
+    if len(headers) < 2:
+        return False
+    first = headers[0][1]
+    orient = first.get("ImageOrientationPatient")
+    positions = []
+    for _, ds in headers:
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            return False
+        if (ds.get("Rows"), ds.get("Columns")) != (first.get("Rows"), first.get("Columns")):
+            return False
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if ipp is None or iop is None or orient is None or [round(float(v), 4) for v in iop] != [round(float(v), 4) for v in orient]:
+            return False
+        positions.append(tuple(round(float(v), 4) for v in ipp))
+    return len(set(positions)) == len(positions)
+
+
+def _slice_spacing(headers: list[tuple[str, Any]]) -> float:
+    iop = np.asarray([float(v) for v in headers[0][1].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    dists = sorted(float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for _, ds in headers)
+    diffs = np.diff(dists)
+    return float(np.median(diffs)) if len(diffs) else 1.0
+
+
+class _Indexer:
+    """Walks the sources and fills ``entries``, ``rejected`` and ``labels``."""
+
+    def __init__(self, rules: ModalityRules, check_pixels: bool, progress: bool) -> None:
+        self.rules = rules
+        self.check_pixels = check_pixels
+        self.progress = progress
+        self.entries: list[dict] = []
+        self.rejected: list[dict] = []
+        self.labels: list[dict] = []
+        self._seen: set[str] = set()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _reject(self, path: str, source: str, err: RejectedFile, **extra: Any) -> None:
+        self.rejected.append({"path": path, "reason": str(err), "category": err.category, "source": source, **extra})
+
+    def _modality(self, path: str, source: str, tag: str | None) -> tuple[str, str]:
+        found = modality_from_dicom(tag)
+        if found is not None:
+            return found, "dicom"
+        rule = self.rules.match(path, root=source)
+        if rule is not None:
+            return rule.modality, "rule"
+        what = f"DICOM Modality '{tag}' is not one of the ten" if tag else "no DICOM Modality tag"
+        raise RejectedFile(
+            "unknown modality", f"{what} and no modality rule matches; add one (--rule 'PATTERN=MODALITY' or --rules FILE)"
+        )
+
+    def _entry(self, path: str, source: str, fmt: str, modality: str, how: str, desc: dict) -> dict:
+        entry: dict[str, Any] = {
+            "image": path,
+            "modality": modality,
+            "modality_index": MODALITY_INDEX[modality],
+            "modality_source": how,
+            "format": fmt,
+        }
+        entry.update(desc)
+        entry["source"] = source
+        return entry
+
+    # -- walking -----------------------------------------------------------------------------
+    def walk(self, sources: Sequence[str]) -> None:
+        from tqdm.auto import tqdm
+
+        plan: list[tuple[str, str, list[str]]] = []  # (source, folder, files)
+        for src in sources:
+            if not os.path.exists(src):
+                self._reject(src, src, RejectedFile("unsupported", "the source does not exist"))
+                continue
+            if os.path.isfile(src):
+                plan.append((os.path.dirname(src), os.path.dirname(src), [os.path.basename(src)]))
+                continue
+            for folder, dirs, files in os.walk(src):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                plan.append((src, folder, sorted(f for f in files if not f.startswith("."))))
+        total = sum(len(files) for _, _, files in plan)
+        with tqdm(total=total, desc="indexing", unit="file", disable=not self.progress, file=sys.stderr) as bar:
+            for src, folder, files in plan:
+                self._folder(src, folder, files, bar)
+
+    def _folder(self, source: str, folder: str, files: list[str], bar: Any) -> None:
+        dicoms: list[str] = []
+        for name in files:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real in self._seen:
+                bar.update(1)
+                continue
+            self._seen.add(real)
+            fmt = image_format(path)
+            if fmt == "dicom":
+                dicoms.append(path)
+                continue
+            self._file(source, path, fmt)
+            bar.update(1)
+        if dicoms:
+            self._dicom_folder(source, folder, dicoms, bar)
+
+    def _file(self, source: str, path: str, fmt: str | None) -> None:
+        try:
+            if fmt is None:
+                ext = os.path.splitext(path)[1] or os.path.basename(path)
+                raise RejectedFile("unsupported", f"'{ext}' is not a supported image format")
+            if os.path.getsize(path) == 0:
+                raise RejectedFile("empty", "0 bytes")
+            if self.rules.is_label(path, root=source):
+                self.labels.append({"label": path, "format": fmt, "source": source})
+                return
+            rule = self.rules.match(path, root=source)
+            if rule is None:
+                self._modality(path, source, None)  # raises "unknown modality"
+            descs = _DESCRIBERS[fmt](path, self.check_pixels)
+        except RejectedFile as e:
+            self._reject(path, source, e)
+            return
+        for desc in descs:
+            self.entries.append(self._entry(path, source, fmt, rule.modality, "rule", desc))
+
+    def _dicom_folder(self, source: str, folder: str, files: list[str], bar: Any) -> None:
+        groups: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+        for path in files:
+            try:
+                ds = _read_dicom(path, pixels=False)
+            except RejectedFile as e:
+                self._reject(path, source, e)
+                bar.update(1)
+                continue
+            modality_tag = str(ds.get("Modality", "") or "").strip().upper()
+            if modality_tag in LABEL_DICOM_MODALITIES or self.rules.is_label(path, root=source):
+                self.labels.append({"label": path, "format": "dicom", "source": source, "dicom_modality": modality_tag})
+                bar.update(1)
+                continue
+            groups[str(ds.get("SeriesInstanceUID", "") or "")].append((path, ds))
+        for uid in sorted(groups):
+            members = sorted(groups[uid], key=lambda x: x[0])
+            if _is_volume_series(members):
+                self._dicom_series(source, folder, uid, members)
+                bar.update(len(members))
+            else:
+                for path, ds in members:
+                    self._dicom_single(source, path, ds)
+                    bar.update(1)
+
+    def _dicom_common(self, ds: Any) -> dict:
+        out = {
+            "dicom_modality": str(ds.get("Modality", "") or ""),
+            "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", "")),
+            "photometric_interpretation": str(ds.get("PhotometricInterpretation", "") or ""),
+        }
+        units = str(ds.get("Units", "") or "")
+        if units:
+            out["units"] = units
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if slope is not None or intercept is not None:  # stored values are rescaled on reading (HU for CT)
+            out["rescale"] = [float(slope if slope is not None else 1.0), float(intercept or 0.0)]
+        return out
+
+    def _dicom_series(self, source: str, folder: str, uid: str, members: list[tuple[str, Any]]) -> None:
+        first = members[0][1]
+        tag = str(first.get("Modality", "") or "")
+        try:
+            modality, how = self._modality(members[0][0], source, tag)
+            if self.check_pixels:
+                lows, highs = [], []
+                for path, _ in members:
+                    try:
+                        arr = _dicom_pixels(path)
+                        if arr.size == 0:
+                            raise RejectedFile("empty", "the image has no pixels")
+                        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                            raise RejectedFile("non-finite", "NaN/Inf values")
+                    except RejectedFile as e:
+                        raise RejectedFile(e.category, f"{os.path.basename(path)}: {e.detail}") from e
+                    lows.append(float(arr.min()))
+                    highs.append(float(arr.max()))
+                if min(lows) == max(highs):
+                    raise RejectedFile("constant", f"all pixels of the series are {min(lows):g}")
+        except RejectedFile as e:
+            self._reject(folder, source, e, series_uid=uid, num_files=len(members))
+            return
+        px = dicom_pixel_spacing(first, default=(1.0, 1.0))
+        desc = {
+            "dim": 3,
+            "size": [int(first.Columns), int(first.Rows), len(members)],
+            "spacing": _round([*px, _slice_spacing(members)]),
+            "num_slices": len(members),
+            "channels": _photometric_channels(first),
+            "dtype": _dicom_dtype(first),
+            "series_uid": uid,
+            "num_files": len(members),
+            **self._dicom_common(first),
+        }
+        self.entries.append(self._entry(folder, source, "dicom-series", modality, how, desc))
+
+    def _dicom_single(self, source: str, path: str, ds: Any) -> None:
+        tag = str(ds.get("Modality", "") or "")
+        try:
+            modality, how = self._modality(path, source, tag)
+            if self.check_pixels:
+                _check_pixels(_dicom_pixels(path))
+        except RejectedFile as e:
+            self._reject(path, source, e)
+            return
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        dim = 3 if frames > 1 else 2
+        size = [int(ds.Columns), int(ds.Rows)] + ([frames] if dim == 3 else [])
+        spacing = dicom_pixel_spacing(ds, default=None)
+        if spacing is not None and dim == 3:
+            spacing = spacing + [float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 1) or 1)]
+        desc = {
+            "dim": dim,
+            "size": size,
+            "spacing": _round(spacing),
+            "num_slices": frames,
+            "channels": _photometric_channels(ds),
+            "dtype": _dicom_dtype(ds),
+            "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+            **self._dicom_common(ds),
+        }
+        self.entries.append(self._entry(path, source, "dicom", modality, how, desc))
+
+    # -- labels ------------------------------------------------------------------------------
+    def pair_labels(self) -> None:
+        """Attach ``label`` to images whose label sits in the sibling label folder under the same name."""
+        label_paths = {os.path.normpath(lab["label"]) for lab in self.labels}
+        if not label_paths:
+            return
+        for entry in self.entries:
+            if entry["format"] in ("dicom-series", "npz"):
+                continue
+            folder, name = os.path.split(entry["image"])
+            parent, leaf = os.path.split(folder)
+            for label_dir in _IMAGE_DIR_TO_LABEL_DIRS.get(leaf.lower(), ()):
+                candidate = os.path.normpath(os.path.join(parent, label_dir, name))
+                if candidate in label_paths:
+                    entry["label"] = candidate
+                    break
+
+
+def _summary(entries: list[dict], rejected: list[dict], labels: list[dict]) -> dict:
+    per: dict[str, dict] = {}
+    for m in MODALITIES:
+        sel = [e for e in entries if e["modality"] == m]
+        if not sel:
+            continue
+        per[m] = {
+            "entries": len(sel),
+            "images_2d": sum(e.get("num_images", 1) for e in sel if e["dim"] == 2),
+            "volumes_3d": sum(e.get("num_images", 1) for e in sel if e["dim"] == 3),
+            "slices": sum(int(e["num_slices"]) for e in sel),
+            "formats": sorted({e["format"] for e in sel}),
+        }
+    return {
+        "modalities": per,
+        "entries": len(entries),
+        "rejected": len(rejected),
+        "rejected_by_category": dict(sorted(Counter(r["category"] for r in rejected).items())),
+        "label_files": len(labels),
+    }
+
+
+def build_datalist(
+    sources: Sequence[str | os.PathLike],
+    rules: ModalityRules | str | os.PathLike | None = None,
+    check_pixels: bool = True,
+    progress: bool = True,
+    relative_to: str | os.PathLike | None = None,
+    name: str = "dex_monai datalist",
+    exclude: Sequence[str | os.PathLike] = (),
+) -> dict:
+    """Scan ``sources`` (folders or files) into a decathlon-style datalist dict.
+
+    Args:
+        sources: folders (scanned recursively, hidden entries skipped) or single files.
+        rules: modality rules (folder patterns) and label patterns, or a rules YAML path; DICOM tags come first.
+        check_pixels: decode the pixels once to reject truncated / constant / NaN images.
+        progress: show a tqdm progress bar on stderr.
+        relative_to: write paths relative to this folder (e.g. the JSON's folder); absolute otherwise.
+        name: the datalist ``name``.
+        exclude: files to leave out (the command line leaves out its own output JSON, so that
+            re-running into a scanned folder gives the same JSON).
+
+    Returns ``{"name", "description", "modalities", "sources", "numTraining", "training",
+    "label_files", "rejected", "summary"}``; ``training`` entries are sorted, the dict is deterministic.
+    """
+    if rules is None:
+        rules = ModalityRules()
+    elif isinstance(rules, (str, os.PathLike)):
+        rules = ModalityRules.load(rules)
+    srcs = [os.path.abspath(os.fspath(s)) for s in sources]
+    indexer = _Indexer(rules, check_pixels=check_pixels, progress=progress)
+    indexer._seen.update(os.path.realpath(os.fspath(p)) for p in exclude)
+    indexer.walk(srcs)
+    indexer.pair_labels()
+    order = {s: i for i, s in enumerate(srcs)}
+
+    def sort_key(item: dict, key: str) -> tuple:
+        return (order.get(item["source"], len(order)), item[key], item.get("series_uid", ""), item.get("npz_key", ""))
+
+    entries = sorted(indexer.entries, key=lambda e: sort_key(e, "image"))
+    rejected = sorted(indexer.rejected, key=lambda e: sort_key(e, "path"))
+    labels = sorted(indexer.labels, key=lambda e: sort_key(e, "label"))
+    if relative_to is not None:
+        base = os.path.abspath(os.fspath(relative_to))
+
+        def rel(p: str) -> str:
+            return os.path.relpath(p, base)
+
+        for e in entries:
+            e["image"] = rel(e["image"])
+            if "label" in e:
+                e["label"] = rel(e["label"])
+            e["source"] = rel(e["source"])
+        for r in rejected:
+            r["path"], r["source"] = rel(r["path"]), rel(r["source"])
+        for lab in labels:
+            lab["label"], lab["source"] = rel(lab["label"]), rel(lab["source"])
+        srcs = [rel(s) for s in srcs]
+    return {
+        "name": name,
+        "description": "multi-modality pre-training datalist written by dex_monai.data.index",
+        "modalities": list(MODALITIES),
+        "sources": srcs,
+        "numTraining": len(entries),
+        "training": entries,
+        "label_files": labels,
+        "rejected": rejected,
+        "summary": _summary(entries, rejected, labels),
+    }
+
+
+def write_datalist(datalist: dict, out: str | os.PathLike) -> str:
+    """Write ``datalist`` as JSON (atomically: a temporary file then a rename); returns the path."""
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".datalist-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(datalist, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return out
+
+
+def format_summary(datalist: dict) -> str:
+    """The per-modality summary table printed at the end of an index run."""
+    s = datalist["summary"]
+    head = f"{'modality':<12}{'entries':>9}{'2D images':>11}{'3D volumes':>12}{'slices':>10}  formats"
+    lines = [head, "-" * (len(head) + 16)]
+    tot = Counter()
+    for m, row in s["modalities"].items():
+        lines.append(
+            f"{m:<12}{row['entries']:>9}{row['images_2d']:>11}{row['volumes_3d']:>12}{row['slices']:>10}  "
+            + ",".join(row["formats"])
+        )
+        tot.update({k: row[k] for k in ("entries", "images_2d", "volumes_3d", "slices")})
+    lines.append("-" * (len(head) + 16))
+    lines.append(f"{'total':<12}{tot['entries']:>9}{tot['images_2d']:>11}{tot['volumes_3d']:>12}{tot['slices']:>10}")
+    cats = ", ".join(f"{k} {v}" for k, v in s["rejected_by_category"].items())
+    lines.append(f"rejected: {s['rejected']}" + (f" ({cats})" if cats else ""))
+    lines.append(f"label files: {s['label_files']}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dex_monai.data.index",
+        description="Scan folders of medical images into a MONAI datalist (decathlon-style JSON) for DEX pre-training.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="folders (scanned recursively) or files")
+    p.add_argument("--out", required=True, help="output JSON path")
+    p.add_argument("--rules", action="append", default=[], metavar="YAML", help="modality rules file (repeatable)")
+    p.add_argument(
+        "--rule", action="append", default=[], metavar="PATTERN=MODALITY", help="one modality rule (repeatable)"
+    )
+    p.add_argument("--relative", action="store_true", help="write paths relative to the output JSON's folder")
+    p.add_argument("--header-only", action="store_true", help="read headers only (skip the pixel checks)")
+    p.add_argument("--name", default="dex_monai datalist", help="datalist name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (1 when nothing usable was found)."""
+    args = _parser().parse_args(argv)
+    try:
+        rules = ModalityRules.load(*args.rules) + ModalityRules.from_strings(args.rule)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    datalist = build_datalist(
+        args.sources,
+        rules=rules,
+        check_pixels=not args.header_only,
+        progress=not args.quiet,
+        relative_to=os.path.dirname(os.path.abspath(args.out)) if args.relative else None,
+        name=args.name,
+        exclude=[args.out],
+    )
+    out = write_datalist(datalist, args.out)
+    if not args.quiet:
+        print(format_summary(datalist))
+        print(f"datalist written to {out}")
+    if datalist["numTraining"] == 0:
+        print("error: no usable image found", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
