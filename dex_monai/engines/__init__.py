@@ -1,0 +1,49 @@
+# Copyright (c) the dex_monai contributors.
+# Licensed under the Apache License, Version 2.0.
+"""Training engines, handlers, schedules and checkpointing of DEX (used by the bundles under ``bundles/``)."""
+
+from dex_monai.engines.checkpoint import (
+    CHECKPOINT_PREFIX,
+    AtomicDiskSaver,
+    CheckpointResumeHandler,
+    ResumableCheckpointSaver,
+    find_latest_checkpoint,
+    list_checkpoints,
+    save_network_weights,
+)
+from dex_monai.engines.handlers import (
+    TRACKING_ARTIFACTS,
+    TRACKING_METRICS,
+    CosineScheduleHandler,
+    DEXMLFlowHandler,
+    GEMAMomentumScheduleHandler,
+    LossWeightScheduleHandler,
+    ProgressBarHandler,
+    RouterNoiseScheduleHandler,
+    RoutingStatsHandler,
+    SamplerEpochHandler,
+    add_tracking_artifact,
+    add_tracking_metrics,
+    default_run_name,
+    plot_usage,
+    usage_to_json,
+)
+from dex_monai.engines.pretrain import DEXPretrainTrainer, PretrainKeys, output_scalars
+from dex_monai.engines.schedules import (
+    cosine_schedule,
+    linear_scaled_lr,
+    warmup_cosine_factor,
+    warmup_cosine_lambda,
+    warmup_cosine_scheduler,
+)
+from dex_monai.engines.utils import (
+    bundle_config_snapshot,
+    find_bundle_parser,
+    get_rank,
+    get_world_size,
+    is_dist,
+    is_rank0,
+    load_pretrain_datalist,
+    pretrain_dataset,
+    unwrap_network,
+)
