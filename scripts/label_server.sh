@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Start the MONAI Label server of the DEX segmentation bundles (label_app/) on 127.0.0.1.
+# Usage: bash scripts/label_server.sh --studies DIR [--port 8000] [--conf KEY VALUE]...
+#   DIR: a local folder of NIfTI / NRRD / PNG files and DICOM series (one series per sub-folder).
+#   --conf: options of label_app/main.py (models, overrides, work_dir, ...); see docs/monai_label.md.
+# Needs the label environment: bash scripts/setup_label_env.sh (DEX_LABEL_VENV to use another one).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DEX_LABEL_VENV:-$ROOT/.venv-label}"
+STUDIES=""
+PORT=8000
+CONF=()
+usage() { sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --studies|-s) STUDIES="${2:?--studies needs a folder}"; shift 2 ;;
+    --port|-p) PORT="${2:?--port needs a number}"; shift 2 ;;
+    --conf|-c) CONF+=(--conf "${2:?--conf needs KEY VALUE}" "${3:?--conf needs KEY VALUE}"); shift 3 ;;
+    --host|-i) echo "label_server.sh: the server only listens on 127.0.0.1 (no --host)" >&2; exit 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "label_server.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [[ -z "$STUDIES" ]]; then
+  echo "label_server.sh: --studies DIR is required" >&2; usage >&2; exit 2
+fi
+if [[ ! -d "$STUDIES" ]]; then
+  echo "label_server.sh: studies folder $STUDIES does not exist" >&2; exit 2
+fi
+if [[ ! "$PORT" =~ ^[0-9]+$ ]]; then
+  echo "label_server.sh: --port must be a number" >&2; exit 2
+fi
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import monailabel" 2>/dev/null; then
+  echo "label_server.sh: no MONAI Label environment in $VENV; create it with: bash scripts/setup_label_env.sh" >&2
+  exit 3
+fi
+cd "$ROOT"
+# (the venv's python directly: the `monailabel` launcher runs whatever `python` is first on PATH)
+exec "$VENV/bin/python" -m monailabel.main start_server --app "$ROOT/label_app" --studies "$(cd "$STUDIES" && pwd)" \
+  --host 127.0.0.1 --port "$PORT" ${CONF[@]+"${CONF[@]}"}
