@@ -302,3 +302,24 @@ def test_dense_baseline_has_monai_block_names():
     assert "encoder.blocks.0.mlp.linear1.weight" in names and not any(".dex." in n for n in names)
     _, out = mae(torch.rand(2, 3, 32, 32))
     assert out["alignment"].item() == 0.0 and out["routing"] == []
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_grouped_expert_gradients_match_naive_loop(dropout):
+    torch.manual_seed(3)
+    experts = StackedExpertMLP(4, 8, 12, dropout_rate=dropout).double()
+    if dropout:
+        experts.eval()  # dropout inactive: the hand-written kernel must still agree; in train mode autograd is used
+    units = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[0, 2], [2, 0], [0, 1], [2, 1], [0, 2], [1, 0]])  # expert 3 unused: zero gradient
+    gates = torch.softmax(torch.randn(6, 2, dtype=torch.float64), -1).requires_grad_()
+    grouped = experts(units, gates, indices)
+    grads = torch.autograd.grad(grouped.pow(2).sum(), [units, gates, *experts.parameters()])
+    naive = _naive_experts(experts, units, gates, indices)
+    expected = torch.autograd.grad(naive.pow(2).sum(), [units, gates, *experts.parameters()])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert grads[2][3].abs().sum() == 0
+    torch.autograd.gradcheck(
+        lambda u, g: experts(u, g, indices), (units.detach().requires_grad_(), gates.detach().requires_grad_())
+    )

@@ -133,6 +133,66 @@ class NoisyTopKRouter(nn.Module):
         return RouterOutput(gates, indices, probs, balance)
 
 
+class _GroupedExpertMLP(torch.autograd.Function):
+    """``E`` GELU MLPs applied to contiguous row groups, with a hand-written backward.
+
+    Each expert's weight gradient is written straight into its slice of the stacked gradient (no zero-filled
+    per-expert copies, no stacking), and the GELU output is recomputed in backward instead of being stored.
+    Rows: ``x [R, D]``; ``rows[e]`` consecutive rows belong to expert e.
+    """
+
+    @staticmethod
+    def forward(ctx, x, rows, w1, b1, w2, b2):  # type: ignore[override]
+        starts = [0]
+        for r in rows:
+            starts.append(starts[-1] + r)
+        pre = x.new_empty(x.shape[0], w1.shape[1])
+        out = x.new_empty(x.shape[0], w2.shape[1])
+        for e, r in enumerate(rows):
+            if r:
+                torch.addmm(b1[e], x[starts[e] : starts[e + 1]], w1[e].t(), out=pre[starts[e] : starts[e + 1]])
+        hidden = F.gelu(pre)
+        for e, r in enumerate(rows):
+            if r:
+                torch.addmm(b2[e], hidden[starts[e] : starts[e + 1]], w2[e].t(), out=out[starts[e] : starts[e + 1]])
+        ctx.save_for_backward(x, pre, w1, w2)
+        ctx.starts = starts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, pre, w1, w2 = ctx.saved_tensors
+        starts = ctx.starts
+        grad_out = grad_out.contiguous()
+        hidden = F.gelu(pre)
+        num_experts = w1.shape[0]
+        grad_w1, grad_b1 = torch.empty_like(w1), torch.empty(w1.shape[:2], dtype=w1.dtype, device=w1.device)
+        grad_w2, grad_b2 = torch.empty_like(w2), torch.empty(w2.shape[:2], dtype=w2.dtype, device=w2.device)
+        grad_hidden = torch.empty_like(pre)
+        for e in range(num_experts):
+            lo, hi = starts[e], starts[e + 1]
+            if lo == hi:
+                grad_w2[e].zero_()
+                grad_b2[e].zero_()
+                continue
+            torch.mm(grad_out[lo:hi].t(), hidden[lo:hi], out=grad_w2[e])
+            torch.sum(grad_out[lo:hi], dim=0, out=grad_b2[e])
+            torch.mm(grad_out[lo:hi], w2[e], out=grad_hidden[lo:hi])
+        grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        for e in range(num_experts):
+            lo, hi = starts[e], starts[e + 1]
+            if lo == hi:
+                grad_w1[e].zero_()
+                grad_b1[e].zero_()
+                continue
+            torch.mm(grad_pre[lo:hi].t(), x[lo:hi], out=grad_w1[e])
+            torch.sum(grad_pre[lo:hi], dim=0, out=grad_b1[e])
+            if grad_x is not None:
+                torch.mm(grad_pre[lo:hi], w1[e], out=grad_x[lo:hi])
+        return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2
+
+
 class StackedExpertMLP(nn.Module):
     """E expert MLPs (``D -> H -> D``, GELU) held as stacked weights and applied to routed units.
 
@@ -184,6 +244,15 @@ class StackedExpertMLP(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         unit_of = torch.div(order, top_k, rounding_mode="floor")
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        if self._fused_path_applies():
+            tokens, dim = units.shape[1], units.shape[2]
+            rows = [c * tokens for c in counts]
+            grouped_rows = units.index_select(0, unit_of).reshape(-1, dim)
+            outputs = _GroupedExpertMLP.apply(
+                grouped_rows, rows, self.linear1_weight, self.linear1_bias, self.linear2_weight, self.linear2_bias
+            ).reshape(-1, tokens, dim)
+            weighted = outputs * gates.reshape(-1)[order].to(units.dtype).view(-1, 1, 1)
+            return torch.zeros_like(units, dtype=weighted.dtype).index_add_(0, unit_of, weighted)
         grouped = units.index_select(0, unit_of).split(counts)
         # unbind once: its backward is a single stack, where indexing each expert would zero-fill E full copies
         weights = zip(
@@ -196,6 +265,12 @@ class StackedExpertMLP(nn.Module):
         weighted = torch.cat(outputs) * gates.reshape(-1)[order].to(units.dtype).view(-1, 1, 1)
         out = torch.zeros_like(units, dtype=weighted.dtype)
         return out.index_add_(0, unit_of, weighted)
+
+    def _fused_path_applies(self) -> bool:
+        """The hand-written grouped kernel covers float32/float64 without autocast or active dropout."""
+        dropout_active = self.training and self.drop.p > 0
+        autocast = torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
+        return not dropout_active and not autocast and self.linear1_weight.dtype in (torch.float32, torch.float64)
 
     def _forward_gathered(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same result with per-unit gathered weights and batched products: traceable, used for TorchScript export."""
@@ -360,5 +435,7 @@ class DEXLayer(nn.Module):
             (self.director.linear2.bias, self.experts.linear2_bias),
         )
         for director_param, expert_param in pairs:
-            mixed = torch.tensordot(weights.to(expert_param.dtype), expert_param.detach(), dims=1)
-            director_param.mul_(momentum).add_(mixed.to(director_param.dtype), alpha=1.0 - momentum)
+            flat = director_param.view(1, -1)
+            experts = expert_param.detach().reshape(expert_param.shape[0], -1)
+            # one fused pass: director <- m * director + (1 - m) * weights @ experts
+            torch.addmm(flat, weights.to(experts.dtype).view(1, -1), experts, beta=momentum, alpha=1.0 - momentum, out=flat)
