@@ -323,3 +323,15 @@ def test_grouped_expert_gradients_match_naive_loop(dropout):
     torch.autograd.gradcheck(
         lambda u, g: experts(u, g, indices), (units.detach().requires_grad_(), gates.detach().requires_grad_())
     )
+
+
+def test_meta_tensor_input_from_monai_pipelines():
+    from monai.data import MetaTensor
+
+    net = DEXClassifier(3, 3, 32, 16, num_layers=2, num_experts=4, **TINY)
+    batch = MetaTensor(torch.rand(2, 3, 32, 32))
+    for training in (True, False):
+        net.train(training)
+        assert net(batch).shape == (2, 3)
+    unetr = DEXUNETR(1, 2, 32, 16, spatial_dims=2, num_layers=4, num_experts=4, **TINY)
+    assert unetr(MetaTensor(torch.rand(2, 1, 32, 32))).shape == (2, 2, 32, 32)

@@ -146,8 +146,8 @@ class _GroupedExpertMLP(torch.autograd.Function):
         starts = [0]
         for r in rows:
             starts.append(starts[-1] + r)
-        pre = x.new_empty(x.shape[0], w1.shape[1])
-        out = x.new_empty(x.shape[0], w2.shape[1])
+        pre = x.new_empty((x.shape[0], w1.shape[1]))
+        out = x.new_empty((x.shape[0], w2.shape[1]))
         for e, r in enumerate(rows):
             if r:
                 torch.addmm(b1[e], x[starts[e] : starts[e + 1]], w1[e].t(), out=pre[starts[e] : starts[e + 1]])

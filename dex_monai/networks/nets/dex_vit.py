@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from monai.data import MetaTensor
 from monai.networks.blocks import PatchEmbeddingBlock
 from monai.networks.layers import trunc_normal_
 from monai.utils import ensure_tuple_rep
@@ -227,6 +228,8 @@ class DEXViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with position embeddings, ``[B, C, *spatial] -> [B, n_patches, D]``."""
+        if isinstance(x, MetaTensor):
+            x = x.as_tensor()  # routing regroups images along the batch axis; per-image metadata does not follow
         self.check_input(x)
         return self.patch_embedding(x)
 

@@ -1,0 +1,1283 @@
+# Copyright (c) the dex_monai contributors.
+# Licensed under the Apache License, Version 2.0.
+"""
+Helpers of the DEX fine-tuning bundles (``bundles/dex_seg3d``, ``bundles/dex_seg2d``, ``bundles/dex_classification``).
+
+- initialisation of a downstream network from a DEX pre-training checkpoint, a dense ViT/MAE checkpoint or nothing
+  (:func:`initialise_network`), with the input layer adapted when only its channels / dimensionality differ;
+- datalists: paired image/label folders or decathlon JSON (:func:`segmentation_datalist`), class folders or JSON
+  (:func:`classification_datalist`), inference inputs (:func:`inference_datalist`), and a guard that no prediction
+  can overwrite an input (:func:`check_output_paths`);
+- dictionary transforms used by the bundle configs (:class:`NormalizeModalityd`, :class:`EnsureChannelsd`,
+  :class:`SqueezeSpatiald`, :class:`PrepareLabeld`, :class:`RestoreSpatialShaped`) and a writer choosing PNG or
+  NIfTI per input (:class:`SavePredictiond`);
+- engine plumbing that keeps ``MetaTensor`` metadata away from the network (:func:`prepare_tensor_batch` for
+  trainers, :class:`TensorInferer` for evaluators);
+- ignite handlers: prediction overlays as PNG for MLflow (:class:`PredictionOverlayHandler`), a per-class report for
+  classification (:class:`ClassificationReportHandler`) and a CSV writer of class probabilities
+  (:class:`ClassProbabilityWriter`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import logging
+import os
+import random
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.transforms import MapTransform
+from monai.utils import IgniteInfo, convert_to_dst_type, min_version, optional_import
+
+from dex_monai.engines.checkpoint import find_latest_checkpoint
+from dex_monai.engines.handlers import add_tracking_artifact, add_tracking_metrics
+from dex_monai.engines.utils import is_dist, is_rank0, unwrap_network
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = [
+    "INIT_MODES",
+    "IMAGE_EXTENSIONS",
+    "ClassProbabilityWriter",
+    "ClassificationReportHandler",
+    "EnsureChannelsd",
+    "NormalizeModalityd",
+    "PredictionOverlayHandler",
+    "PrepareLabeld",
+    "RestoreSpatialShaped",
+    "SavePredictiond",
+    "SqueezeSpatiald",
+    "TensorInferer",
+    "adapt_input_weights",
+    "check_output_paths",
+    "classification_datalist",
+    "draw_overlays",
+    "inference_datalist",
+    "initialise_network",
+    "planned_output_path",
+    "prediction_ext",
+    "prepare_tensor_batch",
+    "resolve_checkpoint",
+    "restore_spatial_shape",
+    "segmentation_datalist",
+    "split_items",
+    "stack_pred_label",
+]
+
+logger = logging.getLogger(__name__)
+
+#: how a downstream network is initialised
+INIT_MODES = ("scratch", "dex", "dense")
+
+#: file endings read as images (``.dcm`` files; folders of DICOM files are series when ``dicom_series``)
+IMAGE_EXTENSIONS = (
+    ".nii.gz",
+    ".nii",
+    ".mha",
+    ".mhd",
+    ".nrrd",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".npy",
+)
+
+#: names never taken as images: masks stored next to images (e.g. BUSI ``benign (1)_mask.png``)
+DEFAULT_EXCLUDE = ("*_mask.*", "*_mask_*.*")
+
+_PATCH_EMBED_SUFFIXES = ("patch_embedding.patch_embeddings.weight", "patch_embed.proj.weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# initialisation
+# ----------------------------------------------------------------------------------------------
+def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path | None:
+    """
+    The checkpoint file to initialise from: ``None``/empty gives None; a folder (e.g. the pre-training bundle's
+    ``models``) gives its ``model.pt``, else its newest ``checkpoint_<iteration>.pt``; a file is returned as is.
+
+    Raises:
+        FileNotFoundError: when the path or the folder holds no checkpoint; the message says what was looked for.
+    """
+    if checkpoint in (None, "", "None", "none"):
+        return None
+    path = Path(os.path.expanduser(os.fspath(checkpoint)))
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            return path / "model.pt"
+        latest = find_latest_checkpoint(path)
+        if latest is not None:
+            return Path(latest)
+        raise FileNotFoundError(
+            f"pretrained checkpoint folder {path} holds neither model.pt nor checkpoint_<iteration>.pt files."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist.")
+    return path
+
+
+def _encoder_of(network: torch.nn.Module) -> torch.nn.Module:
+    net = unwrap_network(network)
+    for name in ("vit", "encoder"):
+        encoder = getattr(net, name, None)
+        if encoder is not None and hasattr(encoder, "patch_embedding"):
+            return encoder
+    if hasattr(net, "patch_embedding"):
+        return net
+    raise TypeError(f"{type(net).__name__} has no DEX encoder (expected a `vit` or `encoder` attribute).")
+
+
+def adapt_input_weights(weight: torch.Tensor, target_shape: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+    """
+    Adapt a patch-embedding kernel ``[D, C_s, *k_s]`` to ``target_shape`` ``[D, C_t, *k_t]``.
+
+    - channels: the kernel is summed over the source channels and shared equally by the target channels, so an image
+      whose channels are all equal (a grey image given as RGB, or one channel) gives the same embedding;
+    - 2D to 3D: the kernel is repeated along the last (depth) axis and divided by its length (inflation), 3D to 2D:
+      summed over depth;
+    - kernel size: resampled (bilinear / trilinear) and rescaled so that a constant image gives the same embedding.
+
+    The token dimension D must agree. Returns the new kernel and notes on what was done.
+    """
+    target_shape = tuple(int(s) for s in target_shape)
+    notes: list[str] = []
+    w = weight.detach().float()
+    if w.shape[0] != target_shape[0]:
+        raise ValueError(f"token dimension differs: checkpoint {tuple(w.shape)} vs network {target_shape}.")
+    if w.shape[1] != target_shape[1]:
+        w = w.sum(dim=1, keepdim=True).repeat(1, target_shape[1], *([1] * (w.dim() - 2))) / target_shape[1]
+        notes.append(f"input channels {weight.shape[1]} -> {target_shape[1]} (kernel summed and shared)")
+    src_dims, tgt_dims = w.dim() - 2, len(target_shape) - 2
+    if src_dims == 2 and tgt_dims == 3:
+        depth = target_shape[-1]
+        w = w.unsqueeze(-1).repeat(1, 1, 1, 1, depth) / depth
+        notes.append(f"2D kernel inflated to 3D over depth {depth}")
+    elif src_dims == 3 and tgt_dims == 2:
+        w = w.sum(dim=-1)
+        notes.append("3D kernel summed over depth to 2D")
+    elif src_dims != tgt_dims:
+        raise ValueError(f"cannot adapt a {src_dims}D patch embedding to {tgt_dims}D.")
+    if tuple(w.shape[2:]) != target_shape[2:]:
+        before = float(np.prod(w.shape[2:]))
+        mode = "bilinear" if tgt_dims == 2 else "trilinear"
+        w = F.interpolate(w, size=target_shape[2:], mode=mode, align_corners=False)
+        w = w * before / float(np.prod(target_shape[2:]))
+        notes.append(f"kernel resampled {tuple(weight.shape[2:])} -> {target_shape[2:]}")
+    return w.to(weight.dtype), notes
+
+
+def _is_dex_state(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(".dex." in k or ".DEX." in k for k in state)
+
+
+def initialise_network(
+    network: torch.nn.Module,
+    init: str = "scratch",
+    checkpoint: str | os.PathLike | None = None,
+    strict: bool = True,
+    adapt_input: bool = True,
+) -> Any:
+    """
+    Initialise a :class:`~dex_monai.networks.DEXUNETR` / :class:`~dex_monai.networks.DEXClassifier` before training.
+
+    Args:
+        network: the downstream network (possibly wrapped); fine-tuning through the experts or the director is its
+            ``mode`` (the bundle key ``finetune_mode``), set when it is built.
+        init: ``"scratch"`` (no checkpoint), ``"dex"`` (a DEX pre-training checkpoint: directors, experts and routers
+            are loaded, e.g. the pre-training bundle's ``models/model.pt``) or ``"dense"`` (a dense ViT / UNETR / MAE
+            checkpoint: each MLP initialises the director and every expert of its layer; routers start fresh).
+        checkpoint: file, or folder holding ``model.pt`` / ``checkpoint_<iteration>.pt``.
+        strict: stop on missing, unexpected or mismatched encoder tensors (a dense checkpoint without CLS token, as
+            MONAI's ``ViT``/``UNETR`` save them, is accepted: the CLS token keeps its initialisation).
+        adapt_input: adapt the patch embedding when only its input channels, its dimensionality (2D checkpoint for
+            a 3D network) or its kernel size differ (see :func:`adapt_input_weights`).
+
+    Returns:
+        the :class:`~dex_monai.networks.ConversionReport` of the load, or None from scratch.
+
+    Raises:
+        ValueError: unknown ``init``; a dense checkpoint for ``init="dex"`` or the reverse; or (``strict``) a
+            checkpoint that does not fit, the message naming the file and the missing / unexpected / mismatched keys.
+        FileNotFoundError: no checkpoint where one is needed.
+    """
+    from dex_monai.networks.convert import load_encoder_weights, read_state_dict
+
+    init = str(init).lower()
+    if init not in INIT_MODES:
+        raise ValueError(f"unknown init {init!r}; expected one of {INIT_MODES}.")
+    if init == "scratch":
+        if checkpoint not in (None, "", "None", "none"):
+            logger.warning(f"init='scratch': pretrained checkpoint {checkpoint} is not used.")
+        logger.info("training from scratch (random initialisation).")
+        return None
+    path = resolve_checkpoint(checkpoint)
+    if path is None:
+        raise FileNotFoundError(f"init={init!r} needs `pretrained_checkpoint` (a file or a bundle's models folder).")
+    state = read_state_dict(path)
+    if init == "dex" and not _is_dex_state(state):
+        raise ValueError(f"init='dex' but {path} holds a dense ViT/MAE checkpoint (no DEX layers); use init='dense'.")
+    if init == "dense" and _is_dex_state(state):
+        raise ValueError(f"init='dense' but {path} holds a DEX checkpoint (DEX layers found); use init='dex'.")
+    net = unwrap_network(network)
+    encoder = _encoder_of(net)
+    notes: list[str] = []
+    if adapt_input:
+        target = encoder.patch_embedding.patch_embeddings.weight
+        for key in list(state):
+            if key.endswith(_PATCH_EMBED_SUFFIXES) and tuple(state[key].shape) != tuple(target.shape):
+                try:
+                    state[key], done = adapt_input_weights(state[key], target.shape)
+                except ValueError as e:
+                    notes.append(f"{key} not adapted: {e}")
+                    continue
+                notes.append(f"{key}: " + "; ".join(done))
+    report = load_encoder_weights(net, state, strict=False)
+    report.notes.extend(notes)
+    if init == "dense" and "cls_token" in report.missing:
+        # MONAI ViT (without classification) and UNETR checkpoints have no CLS token: it keeps its initialisation
+        report.missing.remove("cls_token")
+        report.newly_initialised.append("cls_token")
+        report.notes.append("the dense checkpoint has no CLS token: the CLS token starts from its initialisation.")
+    if strict and not report.ok:
+        raise ValueError(f"pretrained checkpoint {path} does not fit {type(net).__name__}:\n{report.summary()}")
+    mode = {getattr(layer, "mode", None) for layer in encoder.dex_layers()} if hasattr(encoder, "dex_layers") else set()
+    logger.info(
+        f"initialised {type(net).__name__} from {init} checkpoint {path} (fine-tuning through "
+        f"{'/'.join(sorted(m for m in mode if m)) or 'dense MLPs'}):\n{report.summary()}"
+    )
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# datalists
+# ----------------------------------------------------------------------------------------------
+def _stem(name: str) -> str:
+    lower = name.lower()
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]
+
+
+def _is_image_file(path: Path, extensions: Sequence[str]) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(tuple(extensions))
+
+
+def _is_dicom_series(path: Path) -> bool:
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() in (".dcm", "") for p in files) and any(
+        p.suffix.lower() == ".dcm" for p in files
+    )
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name.lower(), pattern.lower()) for pattern in exclude)
+
+
+def _list_images(
+    folder: Path,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    recursive: bool = False,
+    dicom_series: bool = False,
+    skip: Sequence[Path] = (),
+) -> list[Path]:
+    """Image files (and DICOM series folders when ``dicom_series``) under ``folder``, sorted."""
+    skip = [Path(s).resolve() for s in skip]
+    found: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or any(entry.resolve() == s for s in skip):
+            continue
+        if dicom_series and _is_dicom_series(entry):
+            found.append(entry)
+        elif entry.is_dir() and recursive:
+            found += _list_images(entry, extensions, exclude, recursive, dicom_series, skip)
+        elif _is_image_file(entry, extensions) and not _excluded(entry.name, exclude):
+            if dicom_series and entry.suffix.lower() == ".dcm":
+                continue  # single slices of a volume folder are read through their series
+            found.append(entry)
+    return found
+
+
+def split_items(
+    items: Sequence[Any], split: str = "training", val_fraction: float = 0.2, seed: int = 0, key: Any = None
+) -> list[Any]:
+    """
+    Deterministic training / validation split: items are shuffled with ``seed`` (within each group of ``key(item)``
+    when given, i.e. stratified) and ``round(val_fraction * n)`` of each group (at least one when the group has two
+    or more items and ``val_fraction > 0``) go to validation. ``split`` is ``"training"``, ``"validation"`` or
+    ``"all"``. Both lists keep the input order.
+    """
+    if split == "all":
+        return list(items)
+    if split not in ("training", "validation"):
+        raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}.")
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item) if key is not None else None, []).append(i)
+    rng = random.Random(seed)
+    val: set[int] = set()
+    for name in sorted(groups, key=str):
+        idx = list(groups[name])
+        rng.shuffle(idx)
+        n_val = int(round(val_fraction * len(idx)))
+        if val_fraction > 0 and n_val == 0 and len(idx) > 1:
+            n_val = 1
+        val.update(idx[:n_val])
+    chosen = [i for i in range(len(items)) if (i in val) == (split == "validation")]
+    return [items[i] for i in chosen]
+
+
+def _read_json_list(datalist: str | os.PathLike, key: str, base_dir: str | os.PathLike | None) -> list[dict] | None:
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist.")
+    content = json.loads(path.read_text())
+    if key not in content:
+        return None
+    base = Path(base_dir) if base_dir not in (None, "") else path.parent
+    items = []
+    for item in content[key]:
+        item = {"image": item} if isinstance(item, str) else dict(item)
+        for k in ("image", "label"):
+            value = item.get(k)
+            if isinstance(value, str) and not os.path.isabs(value) and (k == "image" or _stem(value) != value):
+                item[k] = os.path.normpath(os.path.join(base, value))
+        items.append(item)
+    return items
+
+
+def _cap(items: list, max_items: int | None) -> list:
+    return items if max_items in (None, "", 0) else items[: int(max_items)]
+
+
+def segmentation_datalist(
+    dataset_dir: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | None = None,
+    split: str = "training",
+    image_dir: str = "imagesTr",
+    label_dir: str = "labelsTr",
+    label_suffix: str = "",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    dicom_series: bool = False,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_items: int | None = None,
+    train_key: str = "training",
+    val_key: str = "validation",
+) -> list[dict]:
+    """
+    ``[{"image": path, "label": path}, ...]`` of one split of a segmentation data set.
+
+    Either a decathlon-style ``datalist`` JSON (``{"training": [...], "validation": [...]}``, relative paths against
+    ``dataset_dir`` or the JSON's folder; without a validation list the training list is split), or the folders
+    ``<dataset_dir>/<image_dir>`` and ``<dataset_dir>/<label_dir>`` (the MSD layout ``imagesTr``/``labelsTr``, or
+    e.g. ``image``/``label``) whose files are paired by name: the label has the image's file name, or its stem
+    followed by ``label_suffix`` and any image extension. Images without a label are left out with a warning.
+
+    Args:
+        split: ``"training"``, ``"validation"`` or ``"all"``.
+        dicom_series: take sub-folders of DICOM files in ``image_dir`` as one (3D) image each.
+        val_fraction, seed: the split (:func:`split_items`).
+        max_items: keep the first ``max_items`` of the split (quick runs).
+    """
+    if datalist not in (None, "", "None", "none"):
+        train = _read_json_list(datalist, train_key, dataset_dir) or []
+        val = _read_json_list(datalist, val_key, dataset_dir)
+        if val is not None:
+            items = {"training": train, "validation": val, "all": train + val}[split]
+        else:
+            items = split_items(train, split, val_fraction, seed)
+        return _cap(items, max_items)
+    if dataset_dir in (None, ""):
+        raise ValueError("either `datalist` or `dataset_dir` must be given.")
+    root = Path(dataset_dir)
+    images_root, labels_root = root / image_dir, root / label_dir
+    for folder in (images_root, labels_root):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"segmentation data folder {folder} does not exist.")
+    labels = {}
+    for path in _list_images(labels_root, extensions, exclude=(), dicom_series=dicom_series):
+        labels.setdefault(path.name, path)
+        labels.setdefault(_stem(path.name), path)
+    items, unpaired = [], []
+    for image in _list_images(images_root, extensions, exclude=(), dicom_series=dicom_series):
+        stem = _stem(image.name)
+        label = labels.get(image.name) or labels.get(stem + label_suffix)
+        if label is None:
+            unpaired.append(image.name)
+            continue
+        items.append({"image": str(image), "label": str(label)})
+    if unpaired:
+        logger.warning(f"{len(unpaired)} images in {images_root} have no label and are left out: {unpaired[:5]}")
+    if not items:
+        raise ValueError(f"no image/label pairs found in {images_root} and {labels_root}.")
+    return _cap(split_items(items, split, val_fraction, seed), max_items)
+
+
+def classification_datalist(
+    dataset_dir: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | None = None,
+    split: str = "training",
+    class_names: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_items: int | None = None,
+    max_per_class: int | None = None,
+    train_key: str = "training",
+    val_key: str = "validation",
+) -> list[dict]:
+    """
+    ``[{"image": path, "label": class_index}, ...]`` of one split of a classification data set.
+
+    Either a ``datalist`` JSON whose items have ``image`` and ``label`` (an index or a class name), or class folders
+    ``<dataset_dir>/<class>/<images>`` (BUSI layout), searched recursively; files matching ``exclude`` (segmentation
+    masks such as ``*_mask.png``) are skipped. Class indices follow ``class_names`` (default: sorted folder names).
+    The split is stratified by class.
+
+    Args:
+        max_per_class: keep at most this many images of each class before splitting (quick runs).
+    """
+    if datalist not in (None, "", "None", "none"):
+        train = _read_json_list(datalist, train_key, dataset_dir) or []
+        val = _read_json_list(datalist, val_key, dataset_dir)
+        names = list(class_names) if class_names else None
+        for item in train + (val or []):
+            if isinstance(item.get("label"), str):
+                if not names or item["label"] not in names:
+                    raise ValueError(f"label {item['label']!r} of {item['image']} is not one of class_names={names}.")
+                item["label"] = names.index(item["label"])
+            item["label"] = int(item["label"])
+        if val is not None:
+            items = {"training": train, "validation": val, "all": train + val}[split]
+        else:
+            items = split_items(train, split, val_fraction, seed, key=lambda x: x["label"])
+        return _cap(items, max_items)
+    if dataset_dir in (None, ""):
+        raise ValueError("either `datalist` or `dataset_dir` must be given.")
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"classification data folder {root} does not exist.")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = list(class_names) if class_names else folders
+    missing = [n for n in names if n not in folders]
+    if missing:
+        raise FileNotFoundError(f"class folders {missing} not found in {root} (found {folders}).")
+    items = []
+    for index, name in enumerate(names):
+        files = _list_images(root / name, extensions, exclude, recursive=True)
+        if not files:
+            raise ValueError(f"class folder {root / name} holds no images.")
+        if max_per_class not in (None, "", 0):
+            files = files[: int(max_per_class)]
+        items += [{"image": str(f), "label": index} for f in files]
+    return _cap(split_items(items, split, val_fraction, seed, key=lambda x: x["label"]), max_items)
+
+
+def inference_datalist(
+    input_dir: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | None = None,
+    files: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    recursive: bool = True,
+    dicom_series: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    data_list_key: str = "testing",
+) -> list[dict]:
+    """
+    ``[{"image": path}, ...]`` to predict: explicit ``files``; a JSON datalist (its ``data_list_key`` list, or
+    ``training`` when absent); or every image under ``input_dir`` (recursively, DICOM series folders as one volume
+    when ``dicom_series``), leaving out ``output_dir`` when it lies inside ``input_dir``.
+    """
+    if files:
+        items = [{"image": os.fspath(f)} for f in files]
+    elif datalist not in (None, "", "None", "none"):
+        items = _read_json_list(datalist, data_list_key, input_dir) or _read_json_list(datalist, "training", input_dir)
+        items = [{"image": item["image"]} for item in items or []]
+    elif input_dir not in (None, ""):
+        root = Path(input_dir)
+        if dicom_series and _is_dicom_series(root):
+            paths = [root]
+        elif root.is_file():
+            paths = [root]
+        elif root.is_dir():
+            paths = _list_images(root, extensions, exclude, recursive, dicom_series, skip=[output_dir] if output_dir else [])
+        else:
+            raise FileNotFoundError(f"inference input {root} does not exist.")
+        items = [{"image": str(p)} for p in paths]
+    else:
+        raise ValueError("give `input_dir`, `datalist` or `files` to run inference on.")
+    if not items:
+        raise ValueError(f"no images to run inference on in {input_dir or datalist}.")
+    return items
+
+
+_PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def prediction_ext(image: str | os.PathLike, output_ext: str = "auto") -> str:
+    """The file ending of a prediction: ``output_ext``, or with ``"auto"`` ``.png`` for picture inputs (PNG, JPEG,
+    BMP, TIFF) and ``.nii.gz`` for everything else (NIfTI, DICOM, MetaImage...), which keeps the input's geometry."""
+    if output_ext not in (None, "", "auto"):
+        return output_ext if output_ext.startswith(".") else "." + output_ext
+    return ".png" if os.fspath(image).lower().endswith(_PICTURE_EXTENSIONS) else ".nii.gz"
+
+
+def planned_output_path(
+    image: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    output_postfix: str,
+    output_ext: str,
+    data_root_dir: str | os.PathLike = "",
+    separate_folder: bool = False,
+) -> Path:
+    """Where MONAI ``SaveImage`` writes the prediction of ``image`` (``monai.data.utils.create_file_basename``)."""
+    from monai.data.utils import create_file_basename
+
+    output_ext = prediction_ext(image, output_ext)
+    base = create_file_basename(
+        postfix=output_postfix,
+        input_file_name=os.fspath(image),
+        folder_path=os.fspath(output_dir),
+        data_root_dir=os.fspath(data_root_dir),
+        separate_folder=separate_folder,
+    )
+    return Path(base + output_ext)
+
+
+def check_output_paths(
+    items: Sequence[Mapping],
+    output_dir: str | os.PathLike,
+    output_postfix: str = "seg",
+    output_ext: str = ".nii.gz",
+    data_root_dir: str | os.PathLike = "",
+    separate_folder: bool = False,
+    image_key: str = "image",
+) -> list[Path]:
+    """
+    Check that no prediction would overwrite an input: each planned output must differ from every input file and lie
+    outside every input DICOM series folder, and two inputs must not share an output. Returns the planned paths.
+
+    Raises:
+        ValueError: naming the input and the output that collide.
+    """
+    inputs = {Path(os.fspath(item[image_key])).resolve(): item[image_key] for item in items}
+    planned: dict[Path, str] = {}
+    for item in items:
+        image = item[image_key]
+        out = planned_output_path(image, output_dir, output_postfix, output_ext, data_root_dir, separate_folder)
+        resolved = out.resolve()
+        if resolved in inputs:
+            raise ValueError(f"the prediction of {image} would overwrite the input {inputs[resolved]}; change "
+                             "`output_dir` or `output_postfix`.")
+        for source in inputs:
+            if source.is_dir() and source in resolved.parents:
+                raise ValueError(f"the prediction {out} would be written inside the input series folder {source}.")
+        if resolved in planned:
+            raise ValueError(f"{image} and {planned[resolved]} would both be written to {out} (same name): rename one or keep them in different sub-folders of `data_root_dir`.")
+        planned[resolved] = image
+    return list(planned)
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms
+# ----------------------------------------------------------------------------------------------
+_PLAIN_METHODS = ("range", "minmax", "none")
+
+
+class NormalizeModalityd(MapTransform):
+    """
+    Per-modality intensity normalisation to ``[0, 1]`` with the pre-training rules
+    (:class:`dex_monai.transforms.ModalityNormalize`: CT window [-200, 400] HU, MR / PET percentiles 1-99, 8/16-bit
+    display images divided by their range), for a modality fixed by the bundle (``modality`` key) or read from the
+    item (``modality_key``), optionally followed by ``(x - mean) / std`` per channel (the pre-training ImageNet
+    statistics for 2D). For images of none of the DEX modalities (e.g. electron microscopy) ``modality`` may name a
+    rule instead: ``"range"`` (divide by the stored 8/16-bit range), ``"minmax"`` or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        modality: str | None = None,
+        modality_key: str = "modality",
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        config: Any = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        from dex_monai.transforms import ModalityNormalize
+
+        self.normalizer = ModalityNormalize(config)
+        self.modality = modality
+        self.modality_key = modality_key
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+
+    def _normalize(self, img: Any, modality: str) -> Any:
+        if modality.lower() not in _PLAIN_METHODS:
+            return self.normalizer(img, modality)
+        if modality.lower() == "none":
+            return img.float() if isinstance(img, torch.Tensor) else np.asarray(img, dtype=np.float32)
+        from dex_monai.transforms import normalize_intensity
+
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        meta = img.meta if isinstance(img, MetaTensor) else {}
+        out, _ = normalize_intensity(arr, modality.lower(), {}, intensity_range=meta.get("intensity_range"))
+        result, *_ = convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
+        return result
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        modality = d.get(self.modality_key) or self.modality
+        if modality is None:
+            raise ValueError(f"NormalizeModalityd: set `modality` or give each item a '{self.modality_key}'.")
+        for key in self.key_iterator(d):
+            img = self._normalize(d[key], str(modality))
+            if self.mean is not None and self.std is not None:
+                shape = (-1,) + (1,) * (img.dim() - 1)
+                mean = self.mean.to(img.device).reshape(shape) if self.mean.numel() > 1 else self.mean
+                std = self.std.to(img.device).reshape(shape) if self.std.numel() > 1 else self.std
+                img = (img - mean) / std
+            d[key] = img
+        return d
+
+
+class EnsureChannelsd(MapTransform):
+    """
+    Give a channel-first image exactly ``channels`` channels: an alpha channel (4 -> 3) is dropped, grey images are
+    repeated to 3 channels, colour images are averaged to 1 channel. Other combinations raise a ``ValueError``.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", channels: int = 3, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.channels = int(channels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            c = int(img.shape[0])
+            if c == 4:
+                img, c = img[:3], 3
+            if c == 2:  # grey + alpha
+                img, c = img[:1], 1
+            if c != self.channels:
+                if self.channels == 1:
+                    img = img.mean(0, keepdim=True) if isinstance(img, torch.Tensor) else img.mean(0, keepdims=True)
+                elif c == 1:
+                    img = img.repeat(self.channels, *([1] * (img.dim() - 1))) if isinstance(img, torch.Tensor) else \
+                        np.repeat(img, self.channels, axis=0)
+                else:
+                    raise ValueError(f"cannot turn a {c}-channel image into {self.channels} channels.")
+            d[key] = img
+        return d
+
+
+class SqueezeSpatiald(MapTransform):
+    """
+    Drop singleton spatial axes beyond ``spatial_dims`` (a 2D slice read as ``[C, H, W, 1]`` from NIfTI or DICOM
+    becomes ``[C, H, W]``). The affine is left as read so that :class:`RestoreSpatialShaped` can give predictions the
+    input's geometry back; more non-singleton axes than ``spatial_dims`` raise a ``ValueError``.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int = 2, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = int(spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            spatial = list(img.shape[1:])
+            while len(spatial) > self.spatial_dims and 1 in spatial:
+                axis = len(spatial) - 1 - spatial[::-1].index(1)
+                img = img.squeeze(axis + 1) if isinstance(img, torch.Tensor) else np.squeeze(img, axis + 1)
+                spatial.pop(axis)
+            if len(spatial) != self.spatial_dims:
+                name = img.meta.get("filename_or_obj", key) if isinstance(img, MetaTensor) else key
+                raise ValueError(f"{name}: spatial shape {tuple(img.shape[1:])} is not {self.spatial_dims}D.")
+            d[key] = img
+        return d
+
+
+class PrepareLabeld(MapTransform):
+    """
+    Make a label map of class indices ``[1, *spatial]``: a colour mask keeps its first channel; with
+    ``num_classes == 2`` every non-zero value is foreground (0/255 masks); otherwise values must already be class
+    indices below ``num_classes`` (a ``ValueError`` names the file when not).
+    """
+
+    def __init__(self, keys: KeysCollection = "label", num_classes: int = 2, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if label.shape[0] > 1:
+                label = label[:1]
+            if self.num_classes == 2:
+                label = (label > 0).to(torch.float32) if isinstance(label, torch.Tensor) else (label > 0).astype(np.float32)
+            else:
+                top = float(label.max())
+                if top >= self.num_classes or float(label.min()) < 0:
+                    name = label.meta.get("filename_or_obj", key) if isinstance(label, MetaTensor) else key
+                    raise ValueError(f"label {name} has values outside [0, {self.num_classes - 1}] (max {top:g}).")
+                label = torch.round(label) if isinstance(label, torch.Tensor) else np.round(label)
+            d[key] = label
+        return d
+
+
+def restore_spatial_shape(pred: Any, ref_meta: Mapping) -> Any:
+    """
+    ``pred [C, *spatial]`` reshaped to the spatial shape the input had on disk (``ref_meta["spatial_shape"]``) when
+    only singleton axes differ, with the input's ``original_affine``: the inverse of :class:`SqueezeSpatiald`.
+    Anything else is returned unchanged.
+    """
+    original = ref_meta.get("spatial_shape")
+    if original is None:
+        return pred
+    original = [int(s) for s in np.asarray(original).ravel()]
+    spatial = [int(s) for s in pred.shape[1:]]
+    if spatial == original or [s for s in spatial if s != 1] != [s for s in original if s != 1]:
+        return pred
+    pred = pred.reshape(pred.shape[0], *original)
+    if isinstance(pred, MetaTensor) and ref_meta.get("original_affine") is not None:
+        pred.affine = torch.as_tensor(np.asarray(ref_meta["original_affine"]), dtype=torch.float64)
+    return pred
+
+
+class RestoreSpatialShaped(MapTransform):
+    """Dictionary transform applying :func:`restore_spatial_shape` with the metadata of ``ref_key``."""
+
+    def __init__(self, keys: KeysCollection = "pred", ref_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref = d.get(self.ref_key)
+        meta = ref.meta if isinstance(ref, MetaTensor) else {}
+        for key in self.key_iterator(d):
+            d[key] = restore_spatial_shape(d[key], meta)
+        return d
+
+
+class SavePredictiond(MapTransform):
+    """
+    Write label maps choosing the file format per input (see :func:`prediction_ext`): with ``output_ext="auto"`` a
+    PNG / JPEG input gets a PNG prediction of the same size (MONAI ``SaveImage``), a NIfTI / DICOM input a NIfTI
+    prediction with the input's shape and affine (written with nibabel, so that a slice stored as ``[H, W, 1]`` keeps
+    its singleton axis and 4x4 affine, see :func:`restore_spatial_shape`); other endings go through ``SaveImage``.
+    Outputs go to ``output_dir`` (keeping sub-folders below ``data_root_dir``), named
+    ``<input name>_<output_postfix>.<ext>``, the same paths :func:`check_output_paths` checks; an empty postfix is
+    refused so that no input can be overwritten. With ``argmax`` a multi-channel prediction (one-hot or
+    probabilities) is written as its label map. The item itself is left unchanged.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str | os.PathLike = "./predictions",
+        output_postfix: str = "seg",
+        output_ext: str = "auto",
+        output_dtype: Any = np.uint8,
+        data_root_dir: str | os.PathLike = "",
+        separate_folder: bool = False,
+        ref_key: str = "image",
+        argmax: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not output_postfix:
+            raise ValueError("output_postfix must not be empty (predictions must never replace their inputs).")
+        self.output_dir = os.fspath(output_dir)
+        self.output_postfix = output_postfix
+        self.output_ext = output_ext
+        self.output_dtype = output_dtype
+        self.data_root_dir = os.fspath(data_root_dir)
+        self.separate_folder = separate_folder
+        self.ref_key = ref_key
+        self.argmax = argmax
+
+    def _write_nifti(self, pred: torch.Tensor, affine: Any, meta: Mapping, path: Path) -> None:
+        import nibabel as nib
+
+        affine = np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine, dtype=torch.float64))
+        if affine.shape != (4, 4):  # a 2D affine (3x3): embed it
+            full = np.eye(4)
+            full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+            affine = full
+        if str(meta.get("space", "RAS")).upper() == "LPS":
+            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        array = pred[0].detach().cpu().numpy().astype(self.output_dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), str(path))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.transforms import SaveImage
+
+        d = dict(data)
+        ref = d.get(self.ref_key)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if self.argmax and pred.shape[0] > 1:
+                pred = pred.argmax(0, keepdim=True) if isinstance(pred, torch.Tensor) else pred.argmax(0)[None]
+            meta = dict(pred.meta) if isinstance(pred, MetaTensor) else {}
+            if not meta.get("filename_or_obj") and isinstance(ref, MetaTensor):
+                meta = dict(ref.meta)
+            pred = restore_spatial_shape(torch.as_tensor(pred) if not isinstance(pred, torch.Tensor) else pred, meta)
+            affine = pred.affine if isinstance(pred, MetaTensor) else meta.get("affine")
+            pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+            if pred.shape[0] != 1:
+                raise ValueError(f"SavePredictiond writes label maps [1, *spatial], got {tuple(pred.shape)}; set argmax.")
+            name = str(meta.get("filename_or_obj", ""))
+            ext = prediction_ext(name, self.output_ext)
+            path = planned_output_path(
+                name, self.output_dir, self.output_postfix, ext, self.data_root_dir, self.separate_folder
+            )
+            if ext in (".nii", ".nii.gz"):
+                self._write_nifti(pred, affine, meta, path)
+                continue
+            # a new SaveImage per image: it keeps its channel-axis guess of one call for the next ones
+            saver = SaveImage(
+                output_dir=self.output_dir,
+                output_postfix=self.output_postfix,
+                output_ext=ext,
+                output_dtype=self.output_dtype,
+                data_root_dir=self.data_root_dir,
+                separate_folder=self.separate_folder,
+                resample=False,
+                squeeze_end_dims=True,
+                print_log=False,
+            )
+            write_meta = {"filename_or_obj": name, "spatial_shape": tuple(pred.shape[1:])}
+            if affine is not None:
+                write_meta["affine"] = affine
+            saver(pred, meta_data=write_meta)
+        return d
+
+
+def prepare_tensor_batch(batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """
+    MONAI's ``default_prepare_batch`` returning plain tensors: the network gets no ``MetaTensor`` (DEX routing
+    regroups the batch by expert, which batched metadata cannot follow, and metadata costs time in the hot loop),
+    while the batch itself keeps its metadata for the postprocessing (``Invertd``, writers, overlays). Use as the
+    ``prepare_batch`` of MONAI trainers and evaluators.
+    """
+    from monai.engines.utils import default_prepare_batch
+
+    prepared = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+
+    def plain(x: Any) -> Any:
+        return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+    return tuple(plain(x) for x in prepared) if isinstance(prepared, tuple) else plain(prepared)
+
+
+class TensorInferer(Inferer):
+    """
+    Run a MONAI inferer on the plain tensor of a ``MetaTensor`` input and give the output the input's metadata back
+    (what MONAI inferers return for ``MetaTensor`` inputs), so ``Invertd``, writers and overlays work as usual while
+    the network never sees metadata (see :func:`prepare_tensor_batch`). Use it around the validation / inference
+    inferer, e.g. ``{"_target_": "dex_monai.engines.finetune.TensorInferer", "inferer": {"_target_":
+    "SlidingWindowInferer", ...}}``.
+    """
+
+    def __init__(self, inferer: Inferer | None = None) -> None:
+        from monai.inferers import SimpleInferer
+
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(inputs, MetaTensor):
+            return self.inferer(inputs, network, *args, **kwargs)
+        outputs = self.inferer(inputs.as_tensor(), network, *args, **kwargs)
+        if isinstance(outputs, torch.Tensor) and not isinstance(outputs, MetaTensor):
+            outputs = convert_to_dst_type(outputs, inputs, dtype=outputs.dtype, device=outputs.device)[0]
+        return outputs
+
+    def __getattr__(self, name: str) -> Any:  # roi_size, sw_batch_size ... of the wrapped inferer
+        if name == "inferer":
+            raise AttributeError(name)
+        return getattr(self.inferer, name)
+
+
+def stack_pred_label(output: Any, num_classes: int | None = None, pred_key: str = "pred", label_key: str = "label"):
+    """
+    ``(pred [B, C], label)`` from an engine output (a decollated list of dicts or a batch dict), for classification
+    metrics: ``label`` is ``[B]`` class indices, or one-hot ``[B, num_classes]`` when ``num_classes`` is given
+    (MONAI ``ROCAUC``).
+    """
+    if isinstance(output, Mapping):
+        pred, label = output[pred_key], output[label_key]
+    else:
+        pred = torch.stack([torch.as_tensor(o[pred_key]) for o in output])
+        label = torch.stack([torch.as_tensor(o[label_key]).reshape(-1)[:1] for o in output])
+    pred = torch.as_tensor(pred).float().reshape(len(pred), -1)
+    label = torch.as_tensor(label).reshape(-1).long()
+    if num_classes:
+        label = F.one_hot(label, int(num_classes)).to(pred.dtype)
+    return pred, label
+
+
+# ----------------------------------------------------------------------------------------------
+# handlers
+# ----------------------------------------------------------------------------------------------
+def _items(output: Any) -> list[Mapping]:
+    if isinstance(output, Mapping):
+        batch = None
+        for value in output.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                batch = value.shape[0]
+                break
+        if batch is None:
+            return []
+        return [{k: v[i] for k, v in output.items() if isinstance(v, torch.Tensor) and v.dim() > 0} for i in range(batch)]
+    if isinstance(output, (list, tuple)):
+        return [o for o in output if isinstance(o, Mapping)]
+    return []
+
+
+def _index_map(x: torch.Tensor | None) -> np.ndarray | None:
+    """``[C, *spatial]`` one-hot / probabilities or ``[1, *spatial]`` indices -> ``[*spatial]`` class indices."""
+    if x is None:
+        return None
+    x = torch.as_tensor(x).detach().float().cpu()
+    return (x.argmax(0) if x.shape[0] > 1 else x[0]).numpy()
+
+
+def _resize_nearest(index_map: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
+    """``index_map`` on a grid of ``shape``: reshaped when only singleton axes differ, else nearest-resampled."""
+    spatial = tuple(int(s) for s in shape)
+    if tuple(index_map.shape) == spatial:
+        return index_map
+    if index_map.size == int(np.prod(spatial)):
+        return index_map.reshape(spatial)
+    if index_map.ndim != len(spatial):
+        return None
+    x = torch.as_tensor(np.asarray(index_map, dtype=np.float32))
+    return F.interpolate(x[None, None], size=spatial, mode="nearest")[0, 0].numpy()
+
+
+class PredictionOverlayHandler:
+    """
+    Draw the first validation images of every run with the ground truth and the prediction as a PNG
+    (``<output_dir>/overlays/<prefix>_epoch_<N>.png``; the axial slice with the most foreground for volumes) and queue
+    it as an MLflow artifact (:func:`~dex_monai.engines.add_tracking_artifact`, uploaded by
+    :class:`~dex_monai.engines.DEXMLFlowHandler` at the end of the epoch; attach this handler before it).
+
+    Args:
+        output_dir: root of the overlays folder.
+        max_images: images drawn per run.
+        prefix: file name prefix.
+        artifact_dir: MLflow artifact folder.
+        epoch_fn: callable giving the epoch to name the file with (default: the engine's epoch).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        max_images: int = 2,
+        prefix: str = "val",
+        artifact_dir: str = "overlays",
+        image_key: str = "image",
+        label_key: str = "label",
+        pred_key: str = "pred",
+        epoch_fn: Any = None,
+        enabled: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.max_images = int(max_images)
+        self.prefix = prefix
+        self.artifact_dir = artifact_dir
+        self.keys = (image_key, label_key, pred_key)
+        self.epoch_fn = epoch_fn
+        self.enabled = enabled
+        self.samples: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]] = []
+        self.last_path: Path | None = None
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_started(self, engine: Engine) -> None:
+        self.samples = []
+
+    def iteration_completed(self, engine: Engine) -> None:
+        if len(self.samples) >= self.max_images or not is_rank0():
+            return
+        image_key, label_key, pred_key = self.keys
+        for item in _items(engine.state.output):
+            if len(self.samples) >= self.max_images:
+                break
+            image = item.get(image_key)
+            if image is None or item.get(pred_key) is None:
+                continue
+            name = image.meta.get("filename_or_obj", "") if isinstance(image, MetaTensor) else ""
+            image = torch.as_tensor(image).detach().float().cpu()
+            maps = [_index_map(item.get(k)) for k in (label_key, pred_key)]
+            # predictions inverted to the input's geometry no longer match the preprocessed image: resample for display
+            maps = [None if m is None else _resize_nearest(m, image.shape[1:]) for m in maps]
+            self.samples.append((image.numpy(), maps[0], maps[1], str(name)))
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if not self.samples or not is_rank0():
+            return
+        epoch = int(self.epoch_fn() if callable(self.epoch_fn) else engine.state.epoch)
+        path = self.output_dir / "overlays" / f"{self.prefix}_epoch_{epoch}.png"
+        try:
+            draw_overlays(self.samples, path, title=f"{self.prefix}, epoch {epoch}")
+        except Exception as e:  # drawing must never stop training
+            self.logger.warning(f"could not draw prediction overlays: {e}")
+            return
+        self.last_path = path
+        add_tracking_artifact(engine, path, self.artifact_dir)
+
+
+def _display_slice(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None):
+    """2D views ``(image [H, W] or [H, W, 3], label, pred)``; volumes cut at the slice with most foreground."""
+    spatial = image.shape[1:]
+    if len(spatial) == 3:
+        ref = label if label is not None and label.any() else pred
+        z = int(np.argmax((ref > 0).reshape(-1, spatial[-1]).sum(0))) if ref is not None and ref.any() else spatial[-1] // 2
+        image, label = image[..., z], None if label is None else label[..., z]
+        pred = None if pred is None else pred[..., z]
+    channels = image if image.shape[0] == 3 else image.mean(0, keepdims=True)
+    scaled = []
+    for channel in channels:  # per channel: standardised grey-as-RGB images show grey, not tinted
+        lo, hi = float(np.percentile(channel, 1)), float(np.percentile(channel, 99))
+        scaled.append(np.clip((channel - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(channel))
+    view = np.stack(scaled, -1) if len(scaled) == 3 else scaled[0]
+    # array axes (x, y) of MONAI-loaded images are shown transposed so that rows are y
+    tr = (lambda a: None if a is None else np.swapaxes(a, 0, 1))
+    return tr(view), tr(label), tr(pred)
+
+
+def draw_overlays(
+    samples: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """One row per sample: image, ground truth over the image, prediction over the image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = len(samples)
+    fig = Figure(figsize=(9.0, 3.0 * rows))
+    FigureCanvasAgg(fig)
+    for r, (image, label, pred, name) in enumerate(samples):
+        origin = "lower" if image.ndim == 4 else "upper"  # RAS volumes: anterior up; pictures: first row on top
+        view, label, pred = _display_slice(image, label, pred)
+        top = max(1, int(max(np.max(label) if label is not None else 0, np.max(pred) if pred is not None else 0)))
+        for c, (overlay, what) in enumerate(((None, "image"), (label, "ground truth"), (pred, "prediction"))):
+            ax = fig.add_subplot(rows, 3, 3 * r + c + 1)
+            ax.imshow(view, cmap=None if view.ndim == 3 else "gray", origin=origin)
+            if overlay is not None:
+                masked = np.ma.masked_where(overlay == 0, overlay)
+                ax.imshow(masked, cmap="autumn", alpha=0.5, vmin=0, vmax=top, origin=origin)
+            ax.set_title(what if c else (os.path.basename(name) or "image"), fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=80)
+    return path
+
+
+def _gather(values: list) -> list:
+    if not is_dist():
+        return values
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return [v for part in gathered for v in (part or [])]
+
+
+class ClassificationReportHandler:
+    """
+    Per-class report of a classification evaluator: precision, recall, F1, support, one-vs-rest AUC and the confusion
+    matrix, written to ``<output_dir>/<prefix>_report_epoch_<N>.json`` (and ``.txt``), queued as MLflow artifacts and
+    as epoch metrics ``<prefix>_f1/<class>``, ``<prefix>_auc/<class>`` etc. Predictions are gathered across ranks.
+
+    Args:
+        output_dir: folder of the reports.
+        class_names: names of the classes, in index order.
+        prefix: metric and file name prefix.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        prefix: str = "val",
+        artifact_dir: str = "reports",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        epoch_fn: Any = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.class_names = [str(c) for c in class_names]
+        self.prefix = prefix
+        self.artifact_dir = artifact_dir
+        self.pred_key, self.label_key = pred_key, label_key
+        self.epoch_fn = epoch_fn
+        self.probs: list[list[float]] = []
+        self.labels: list[int] = []
+        self.last_report: dict | None = None
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_started(self, engine: Engine) -> None:
+        self.probs, self.labels = [], []
+
+    def iteration_completed(self, engine: Engine) -> None:
+        pred, label = stack_pred_label(engine.state.output, None, self.pred_key, self.label_key)
+        self.probs += pred.detach().cpu().tolist()
+        self.labels += label.detach().cpu().tolist()
+
+    def report(self, probs: np.ndarray, labels: np.ndarray) -> dict:
+        from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+
+        n = len(self.class_names)
+        pred = probs.argmax(1)
+        table = classification_report(
+            labels, pred, labels=list(range(n)), target_names=self.class_names, output_dict=True, zero_division=0
+        )
+        text = classification_report(
+            labels, pred, labels=list(range(n)), target_names=self.class_names, zero_division=0
+        )
+        auc = {}
+        for c, name in enumerate(self.class_names):
+            positives = labels == c
+            auc[name] = float(roc_auc_score(positives, probs[:, c])) if 0 < positives.sum() < len(labels) else None
+        return {
+            "classes": self.class_names,
+            "num_images": int(len(labels)),
+            "accuracy": float((pred == labels).mean()) if len(labels) else None,
+            "per_class": {name: table[name] for name in self.class_names},
+            "macro_avg": table.get("macro avg"),
+            "weighted_avg": table.get("weighted avg"),
+            "auc": auc,
+            "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(n))).tolist(),
+            "text": text,
+        }
+
+    def epoch_completed(self, engine: Engine) -> None:
+        probs, labels = _gather(self.probs), _gather(self.labels)
+        if not is_rank0() or not labels:
+            return
+        report = self.report(np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64))
+        epoch = int(self.epoch_fn() if callable(self.epoch_fn) else engine.state.epoch)
+        report["epoch"] = epoch
+        self.last_report = report
+        metrics = {}
+        for name, row in report["per_class"].items():
+            for what in ("precision", "recall", "f1-score"):
+                metrics[f"{self.prefix}_{what.split('-')[0]}/{name}"] = float(row[what])
+            if report["auc"][name] is not None:
+                metrics[f"{self.prefix}_auc/{name}"] = report["auc"][name]
+        add_tracking_metrics(engine, metrics)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        json_path = self.output_dir / f"{self.prefix}_report_epoch_{epoch}.json"
+        text_path = self.output_dir / f"{self.prefix}_report_epoch_{epoch}.txt"
+        json_path.write_text(json.dumps(report, indent=2))
+        matrix = "\n".join(" ".join(f"{v:5d}" for v in row) for row in report["confusion_matrix"])
+        text_path.write_text(f"{report['text']}\nconfusion matrix (rows: truth, columns: prediction)\n{matrix}\n")
+        for path in (json_path, text_path):
+            add_tracking_artifact(engine, path, self.artifact_dir)
+        self.logger.info(f"{self.prefix} per-class report, epoch {epoch}:\n{report['text']}")
+
+
+class ClassProbabilityWriter:
+    """
+    Write one CSV row per image: ``image, predicted_index, predicted_class, prob_<class>...``, to
+    ``<output_dir>/<filename>`` when the run completes. The file is never one of the inputs.
+
+    Args:
+        output_dir: folder of the CSV file (created).
+        class_names: class names in index order.
+        filename: CSV file name.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        filename: str = "predictions.csv",
+        image_key: str = "image",
+        pred_key: str = "pred",
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.class_names = [str(c) for c in class_names]
+        self.image_key, self.pred_key = image_key, pred_key
+        self.rows: list[list[Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        self.rows = []
+
+    def iteration_completed(self, engine: Engine) -> None:
+        for item in _items(engine.state.output):
+            image = item.get(self.image_key)
+            name = image.meta.get("filename_or_obj", "") if isinstance(image, MetaTensor) else ""
+            probs = torch.as_tensor(item[self.pred_key]).detach().float().cpu().reshape(-1).tolist()
+            index = int(np.argmax(probs))
+            label = self.class_names[index] if index < len(self.class_names) else str(index)
+            self.rows.append([str(name), index, label, *[f"{p:.6f}" for p in probs]])
+
+    def completed(self, engine: Engine) -> None:
+        rows = _gather(self.rows)
+        if not is_rank0():
+            return
+        inputs = {Path(r[0]).resolve() for r in rows if r[0]}
+        if self.path.resolve() in inputs:
+            raise ValueError(f"refusing to overwrite the input {self.path} with the predictions CSV.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        width = max((len(r) - 3 for r in rows), default=len(self.class_names))
+        names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in range(width)]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "predicted_index", "predicted_class", *[f"prob_{n}" for n in names]])
+            writer.writerows(rows)
+        add_tracking_artifact(engine, self.path, "predictions")
+        logging.getLogger(self.__class__.__name__).info(f"wrote {len(rows)} class probabilities to {self.path}.")
+

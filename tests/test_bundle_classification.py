@@ -1,0 +1,283 @@
+# Copyright (c) the dex_monai contributors.
+# Licensed under the Apache License, Version 2.0.
+"""
+End-to-end tests of ``bundles/dex_classification`` at a tiny size on real breast ultrasound images (BUSI, shared data
+folder): one training epoch and an evaluation through ``python -m monai.bundle run`` (accuracy, AUC, per-class
+report, MLflow), inference writing a CSV of class probabilities, a 2-process DDP run, a 3D configuration,
+initialisation from a DEX pre-training checkpoint through the director, ``verify_metadata``, ``verify_net_in_out``
+and a traced TorchScript export.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "dex_classification"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO / "bundles" / "schemas" / "meta_schema_20240725.json"
+CLASSES = ["benign", "malignant", "normal"]
+
+ENCODER = {"hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 2, "num_experts": 4, "top_k": 2}
+NETWORK = {"img_side": 32, "patch_size": 16, **ENCODER}
+TINY = {**NETWORK, "epochs": 1, "batch_size": 4, "num_workers": 0, "max_per_class": 4, "log_interval": 1}
+INPUT_SHAPE = [1, 3, 32, 32]
+
+pytestmark = pytest.mark.slow
+
+
+def _args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return args
+
+
+def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
+    proc = subprocess.run(cmd + _args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _mlflow_runs(db: Path, experiment: str) -> tuple:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment} in {db}"
+    return client, {r.info.run_name: r for r in client.search_runs([found.experiment_id])}
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def busi(shared_data) -> Path:
+    root = shared_data / "us" / "busi"
+    if not all((root / c).is_dir() for c in CLASSES):
+        pytest.fail(f"the shared data folder exists but {root} lacks the class folders {CLASSES}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, busi) -> dict:
+    root = tmp_path_factory.mktemp("classification")
+    overrides = {**TINY, "bundle_root": str(root), "dataset_dir": str(busi)}
+    proc = _run_bundle([str(CONFIGS / "train.json")], overrides)
+    return {"root": root, "log": proc.stdout + proc.stderr, "overrides": overrides}
+
+
+def test_datalists(busi, tmp_path):
+    from dex_monai.engines.finetune import classification_datalist
+
+    train = classification_datalist(busi, split="training", max_per_class=5)
+    val = classification_datalist(busi, split="validation", max_per_class=5)
+    assert len(train) == 12 and len(val) == 3 and sorted(v["label"] for v in val) == [0, 1, 2]
+    assert not {t["image"] for t in train} & {v["image"] for v in val}
+    # segmentation masks stored next to the images are never taken as images
+    (tmp_path / "benign").mkdir()
+    (tmp_path / "normal").mkdir()
+    for name in ("a.png", "a_mask.png", "b.png", "b_mask_1.png"):
+        shutil.copy(busi / "benign" / "benign (1).png", tmp_path / "benign" / name)
+    shutil.copy(busi / "normal" / "normal (1).png", tmp_path / "normal" / "n.png")
+    items = classification_datalist(tmp_path, split="all")
+    assert sorted(Path(i["image"]).name for i in items) == ["a.png", "b.png", "n.png"]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "benign/a.png", "label": "normal"}],
+                                    "validation": [{"image": "normal/n.png", "label": 0}]}))
+    items = classification_datalist(tmp_path, datalist, split="training", class_names=["benign", "normal"])
+    assert items == [{"image": str(tmp_path / "benign" / "a.png"), "label": 1}]
+
+
+def test_train_one_epoch(trained):
+    root = trained["root"]
+    assert "training from scratch" in trained["log"]
+    assert (root / "models" / "model.pt").is_file()
+    report = json.loads((root / "eval" / "reports" / "val_report_epoch_1.json").read_text())
+    assert report["classes"] == CLASSES and report["num_images"] == 3
+    assert np.asarray(report["confusion_matrix"]).sum() == 3
+
+    client, runs = _mlflow_runs(root / "eval" / "mlruns.db", "dex_classification")
+    (name, run), = runs.items()
+    assert name.startswith("classification_train_") and run.info.status == "FINISHED"
+    for metric in ("val_accuracy", "val_auc", "train_loss", "val_f1/benign", "val_recall/normal"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 3  # 9 training images, batch 4
+    artifacts = _artifacts(client, run.info.run_id)
+    assert "reports/val_report_epoch_1.json" in artifacts and "config/config.json" in artifacts
+
+
+def test_evaluate(trained):
+    root = trained["root"]
+    _run_bundle([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], trained["overrides"])
+    report = json.loads((root / "eval" / "evaluate_report_epoch_1.json").read_text())
+    assert set(report["per_class"]) == set(CLASSES) and 0.0 <= report["accuracy"] <= 1.0
+    with open(root / "eval" / "evaluate_probabilities.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    for row in rows:
+        assert sum(float(row[f"prob_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+    client, runs = _mlflow_runs(root / "eval" / "mlruns.db", "dex_classification")
+    evaluate = [r for n, r in runs.items() if n.startswith("classification_evaluate_")]
+    assert len(evaluate) == 1 and {"val_accuracy", "val_auc"} <= set(evaluate[0].data.metrics)
+    artifacts = _artifacts(client, evaluate[0].info.run_id)
+    assert "reports/evaluate_report_epoch_1.txt" in artifacts
+
+
+def test_inference_writes_probabilities(trained, busi, tmp_path):
+    inputs = tmp_path / "inputs"
+    (inputs / "more").mkdir(parents=True)
+    shutil.copy(busi / "benign" / "benign (1).png", inputs / "b1.png")
+    shutil.copy(busi / "malignant" / "malignant (1).png", inputs / "more" / "m1.png")
+    shutil.copy(busi / "normal" / "normal (1).png", inputs / "more" / "n1.png")
+    shutil.copy(busi / "normal" / "normal (1).png", inputs / "more" / "n1_mask.png")
+    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in inputs.rglob("*.png")}
+    output = tmp_path / "out"
+    _run_bundle([str(CONFIGS / "inference.json")],
+                {**NETWORK, "bundle_root": str(trained["root"]), "input_dir": str(inputs), "output_dir": str(output),
+                 "num_workers": 0})
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in inputs.rglob("*.png")} == before
+    with open(output / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["image"]).name for r in rows) == ["b1.png", "m1.png", "n1.png"]
+    for row in rows:
+        probs = [float(row[f"prob_{c}"]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert row["predicted_class"] == CLASSES[int(np.argmax(probs))] == CLASSES[int(row["predicted_index"])]
+    client, runs = _mlflow_runs(trained["root"] / "eval" / "mlruns.db", "dex_classification")
+    inference = [r for n, r in runs.items() if n.startswith("classification_inference_")]
+    assert len(inference) == 1 and "predictions/predictions.csv" in _artifacts(client, inference[0].info.run_id)
+
+
+def test_ddp_two_processes(busi, tmp_path):
+    """``torchrun --nproc_per_node=2`` (gloo on CPU) with ``multi_gpu_train.json``: trains, validates, rank 0 saves."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "--config_file", configs, "--logging_file", str(CONFIGS / "logging.conf")]
+    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(busi), "batch_size": 2}
+    proc = subprocess.run(cmd + _args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    assert (tmp_path / "models" / "model.pt").is_file()
+    client, runs = _mlflow_runs(tmp_path / "eval" / "mlruns.db", "dex_classification")
+    (run,) = runs.values()
+    assert run.data.tags["world_size"] == "2" and "val_accuracy" in run.data.metrics
+
+
+def test_3d_configuration(shared_data):
+    """``spatial_dims 3``: the same config classifies volumes (here an MR volume, 1 channel, resized to 32^3)."""
+    from monai.bundle import ConfigParser
+
+    volume = shared_data / "mr" / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    if not volume.is_file():
+        pytest.fail(f"{volume} is missing from the shared data folder")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({**NETWORK, "spatial_dims": 3, "in_channels": 1, "modality": "MR", "hidden_size": 48})
+    transform = parser.get_parsed_content("validate#preprocessing")
+    item = transform({"image": str(volume), "label": 1})
+    assert tuple(item["image"].shape) == (1, 32, 32, 32)
+    augmented = parser.get_parsed_content("train#preprocessing")({"image": str(volume), "label": 1})
+    assert tuple(augmented["image"].shape) == (1, 32, 32, 32)
+    net = parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        assert net(item["image"][None].as_tensor()).shape == (1, 3)  # the bundles never give the network a MetaTensor
+
+
+def test_init_from_pretraining_bundle_through_director(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from dex_monai.engines.finetune import initialise_network
+    from dex_monai.networks import DEXMaskedAutoEncoder
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"init": "dex"})
+    assert parser.get_parsed_content("pretrained_checkpoint").endswith(os.path.join("bundles", "dex_pretrain", "models"))
+
+    mae = DEXMaskedAutoEncoder(3, 64, 8, spatial_dims=2, decoder_hidden_size=32, decoder_mlp_dim=64,
+                               decoder_num_layers=1, decoder_num_heads=2, **ENCODER)
+    (tmp_path / "models").mkdir()
+    torch.save({"model": mae.state_dict()}, tmp_path / "models" / "model.pt")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({**NETWORK, "bundle_root": str(tmp_path), "init": "dex", "finetune_mode": "director",
+                   "pretrained_checkpoint": str(tmp_path / "models")})
+    net = parser.get_parsed_content("network_def")
+    report = initialise_network(net, "dex", parser.get_parsed_content("pretrained_checkpoint"))
+    assert report.ok and "head.1.weight" in report.newly_initialised
+    source = mae.encoder.state_dict()
+    for key in ("blocks.1.dex.director.linear2.weight", "blocks.0.dex.experts.linear1_weight",
+                "blocks.0.dex.router.gate.weight", "blocks.1.attn.qkv.weight"):
+        assert torch.equal(net.encoder.state_dict()[key], source[key]), key
+    assert not any(p.requires_grad for p in net.encoder.blocks[0].dex.experts.parameters())  # director mode
+
+
+def test_verify_metadata():
+    from monai.bundle import verify_metadata
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == CLASSES
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+
+
+def test_verify_net_in_out():
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "train.json"),
+        device="cpu", **NETWORK, **{"_meta_#network_data_format#inputs#image#spatial_shape": [32, 32]},
+    )
+
+
+def test_ckpt_export_matches_checkpoint(trained):
+    from monai.bundle import ConfigParser, ckpt_export
+
+    root = trained["root"]
+    ts_path = root / "models" / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(ts_path), ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "train.json"),
+        bundle_root=str(root), use_trace=True, input_shape=INPUT_SHAPE, **NETWORK,
+    )
+    exported = torch.jit.load(str(ts_path))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(root), **NETWORK})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    net.eval()
+    x = torch.rand(5, *INPUT_SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), atol=1e-5, rtol=1e-5)

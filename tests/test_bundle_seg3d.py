@@ -1,0 +1,288 @@
+# Copyright (c) the dex_monai contributors.
+# Licensed under the Apache License, Version 2.0.
+"""
+End-to-end tests of ``bundles/dex_seg3d`` on real MR volumes (MSD hippocampus from the shared data folder) at a tiny
+size: one training epoch initialised from a DEX pre-training checkpoint through ``python -m monai.bundle run``, an
+evaluation run, inference on NIfTI volumes and a DICOM series, MLflow records, ``verify_metadata``,
+``verify_net_in_out`` and a traced TorchScript export that gives the checkpoint's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "dex_seg3d"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO / "bundles" / "schemas" / "meta_schema_20240725.json"
+
+ENCODER = {"hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 2, "num_experts": 4, "top_k": 2}
+NETWORK = {"roi_size": [32, 32, 32], "patch_size": 16, "feature_size": 8, **ENCODER}
+TINY = {
+    **NETWORK,
+    "epochs": 1,
+    "batch_size": 2,
+    "num_samples": 1,
+    "num_workers": 0,
+    "sw_batch_size": 4,
+    "max_train_items": 4,
+    "max_val_items": 1,
+    "log_interval": 1,
+    "overlay_images": 1,
+}
+INPUT_SHAPE = [1, 1, 32, 32, 32]
+
+pytestmark = pytest.mark.slow
+
+
+def _args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return args
+
+
+def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
+    proc = subprocess.run(cmd + _args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _mlflow_runs(db: Path, experiment: str) -> tuple:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment} in {db}"
+    return client, {r.info.run_name: r for r in client.search_runs([found.experiment_id])}
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _write_dicom_series(volume: np.ndarray, folder: Path, spacing=(1.0, 1.0, 1.5)) -> None:
+    """A small MR DICOM series from ``volume[x, y, z]`` (one file per z, identity orientation)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    data = np.clip(volume, 0, 4000).astype(np.uint16)
+    for k in range(data.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID, ds.Modality = study, series, "TEST", "MR"
+        ds.InstanceNumber = k + 1
+        plane = np.ascontiguousarray(data[:, :, k].T)  # rows are y, columns are x
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelSpacing = [spacing[1], spacing[0]]
+        ds.SliceThickness = spacing[2]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
+        ds.PixelData = plane.tobytes()
+        ds.save_as(str(folder / f"slice_{k:03d}.dcm"), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def hippocampus(shared_data) -> Path:
+    root = shared_data / "mr" / "hippocampus"
+    if not (root / "imagesTr").is_dir():
+        pytest.fail(f"the shared data folder exists but {root}/imagesTr does not")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrain_models(tmp_path_factory) -> Path:
+    """A DEX pre-training checkpoint as the pre-training bundle writes it: 2D, 3 channels, patch 8, ``{"model": ...}``."""
+    from dex_monai.networks import DEXMaskedAutoEncoder
+
+    torch.manual_seed(1)
+    mae = DEXMaskedAutoEncoder(3, 64, 8, spatial_dims=2, decoder_hidden_size=32, decoder_mlp_dim=64,
+                               decoder_num_layers=1, decoder_num_heads=2, **ENCODER)
+    folder = tmp_path_factory.mktemp("dex_pretrain") / "models"
+    folder.mkdir()
+    torch.save({"model": mae.state_dict()}, folder / "model.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, hippocampus, pretrain_models) -> dict:
+    root = tmp_path_factory.mktemp("seg3d")
+    overrides = {**TINY, "bundle_root": str(root), "dataset_dir": str(hippocampus), "init": "dex",
+                 "pretrained_checkpoint": str(pretrain_models)}
+    proc = _run_bundle([str(CONFIGS / "train.json")], overrides)
+    return {"root": root, "log": proc.stdout + proc.stderr, "overrides": overrides}
+
+
+def test_train_one_epoch_from_dex_checkpoint(trained):
+    root = trained["root"]
+    assert "initialised DEXUNETR from dex checkpoint" in trained["log"]
+    assert "2D kernel inflated to 3D" in trained["log"]  # the 2D RGB pre-training stem adapted to 3D MR
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("vit.blocks.0.dex.") for k in state)
+
+    client, runs = _mlflow_runs(root / "eval" / "mlruns.db", "dex_seg3d")
+    (name, run), = runs.items()
+    assert name.startswith("seg3d_train_") and run.info.status == "FINISHED"
+    for metric in ("val_mean_dice", "val_hd95", "train_loss"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [1], metric
+    assert 0.0 <= run.data.metrics["val_mean_dice"] <= 1.0
+    assert run.data.tags["init"] == "dex" and run.data.tags["finetune_mode"] == "experts"
+    assert run.data.params["hidden_size"] == "48"
+    artifacts = _artifacts(client, run.info.run_id)
+    assert "overlays/val_epoch_1.png" in artifacts and "config/config.json" in artifacts
+    assert (root / "eval" / "overlays" / "val_epoch_1.png").stat().st_size > 0
+
+
+def test_evaluate(trained):
+    root = trained["root"]
+    overrides = {**trained["overrides"], "save_predictions": True}
+    _run_bundle([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], overrides)
+    metrics = (root / "eval" / "metrics.csv").read_text()
+    assert "val_mean_dice" in metrics and "val_hd95" in metrics
+    written = sorted((root / "eval" / "evaluate_predictions").glob("*_seg.nii.gz"))
+    assert len(written) == 1
+    client, runs = _mlflow_runs(root / "eval" / "mlruns.db", "dex_seg3d")
+    evaluate = [r for n, r in runs.items() if n.startswith("seg3d_evaluate_")]
+    assert len(evaluate) == 1 and evaluate[0].info.status == "FINISHED"
+    assert "val_mean_dice" in evaluate[0].data.metrics
+    artifacts = _artifacts(client, evaluate[0].info.run_id)
+    assert "overlays/evaluate_epoch_1.png" in artifacts and "metrics.csv" in artifacts
+
+
+def test_inference_restores_geometry(trained, hippocampus, tmp_path):
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    names = sorted(p.name for p in (hippocampus / "imagesTr").glob("hippocampus_*.nii.gz"))[:2]
+    for name in names:
+        shutil.copy(hippocampus / "imagesTr" / name, inputs / name)
+    source = nib.load(str(inputs / names[0]))
+    _write_dicom_series(np.asarray(source.dataobj, dtype=np.float32)[:, :, :12] * 10, inputs / "series")
+    before = _digest(inputs)
+    output = tmp_path / "predictions"
+    overrides = {**NETWORK, "bundle_root": str(trained["root"]), "input_dir": str(inputs),
+                 "output_dir": str(output), "num_workers": 0, "overlap": 0.25}
+    _run_bundle([str(CONFIGS / "inference.json")], overrides)
+
+    assert _digest(inputs) == before  # inputs untouched, nothing written next to them
+    for name in names:
+        image = nib.load(str(inputs / name))
+        pred = nib.load(str(output / name.replace(".nii.gz", "_seg.nii.gz")))
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+        values = np.unique(np.asarray(pred.dataobj))
+        assert set(values.tolist()) <= {0, 1, 2} and pred.get_data_dtype() == np.uint8
+    series = LoadImage(image_only=True)(str(inputs / "series"))
+    pred = nib.load(str(output / "series_seg.nii.gz"))
+    assert pred.shape == tuple(series.shape)
+    np.testing.assert_allclose(pred.affine, np.asarray(series.affine), atol=1e-3)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2}
+
+    client, runs = _mlflow_runs(trained["root"] / "eval" / "mlruns.db", "dex_seg3d")
+    inference = [r for n, r in runs.items() if n.startswith("seg3d_inference_")]
+    assert len(inference) == 1 and inference[0].info.status == "FINISHED"
+
+
+def test_verify_metadata():
+    from monai.bundle import verify_metadata
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["schema"].rsplit("/", 1)[-1] == SCHEMA.name
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background", "1": "anterior", "2": "posterior"}
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+
+
+def test_verify_net_in_out():
+    from monai.bundle import verify_net_in_out
+
+    for mode in ("experts", "director"):
+        verify_net_in_out(
+            net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "train.json"),
+            device="cpu", finetune_mode=mode, **NETWORK,
+            **{"_meta_#network_data_format#inputs#image#spatial_shape": NETWORK["roi_size"],
+               "_meta_#network_data_format#outputs#pred#spatial_shape": NETWORK["roi_size"]},
+        )
+
+
+def test_ckpt_export_matches_checkpoint(trained):
+    from monai.bundle import ConfigParser, ckpt_export
+
+    root = trained["root"]
+    ts_path = root / "models" / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(ts_path), ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "train.json"),
+        bundle_root=str(root), use_trace=True, input_shape=INPUT_SHAPE, **NETWORK,
+    )
+    exported = torch.jit.load(str(ts_path))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(root), **NETWORK})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    net.eval()
+    x = torch.rand(2, *INPUT_SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_errors_are_clear(tmp_path, pretrain_models):
+    """A dense file given as DEX, a missing file, and an encoder of another width all stop with a clear message."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import ViT
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(tmp_path), **NETWORK, "hidden_size": 60, "num_heads": 2})
+    net = parser.get_parsed_content("network_def")
+    from dex_monai.engines.finetune import initialise_network
+
+    with pytest.raises(ValueError, match=r"pretrained checkpoint .*model.pt does not fit DEXUNETR[\s\S]*mismatched[\s\S]*cls_token"):
+        initialise_network(net, "dex", pretrain_models)
+    dense = tmp_path / "vit.pt"
+    torch.save(ViT(1, 32, 16, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=2).state_dict(), dense)
+    with pytest.raises(ValueError, match="use init='dense'"):
+        initialise_network(net, "dex", dense)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        initialise_network(net, "dex", tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="unknown init"):
+        initialise_network(net, "imagenet", dense)
