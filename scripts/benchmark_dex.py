@@ -3,7 +3,10 @@
 
 Both models are built from the same code (the dense one has plain MLPs instead of DEX layers) and run in this
 process, alternating, on the same random batches. A step is forward (including the GEMA update), backward and an
-AdamW step (``fused=True``, on CPU and CUDA). Prints one JSON object.
+AdamW step (``fused=True``, on CPU and CUDA). Prints one JSON object: median step times, their ratio (and
+``step_time_ratio_spread``: the ratio of the fastest steps and a pessimistic quartile ratio, to show the noise),
+images/s, peak memory, and the FLOPs of a step counted by ``torch.utils.flop_counter`` (so the time ratio can be
+read against the arithmetic ratio).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident-set growth above the level
 before the model was built, sampled every millisecond in a separate pass (so the sampler does not slow the timed steps) (``malloc_trim`` between runs so freed memory is returned).
@@ -134,6 +137,20 @@ def time_steps(config: dict, dense: bool, device: torch.device, steps: int, warm
     return times, info
 
 
+def step_flops(config: dict, dense: bool, device: torch.device, bf16: bool) -> float:
+    """Floating-point operations of one training step (forward, backward; matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = torch.rand(config["batch"], 3, config["img_size"], config["img_size"], device=device)
+    model, optimizer = build(config, dense, device)
+    train_step(model, optimizer, batch, bf16)
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, optimizer, batch, bf16)
+    del model, optimizer
+    release_memory(device)
+    return float(counter.get_total_flops())
+
+
 def peak_memory(config: dict, dense: bool, device: torch.device, bf16: bool, steps: int = 2) -> float:
     """Peak memory (MiB) of building the model and running a few training steps."""
     release_memory(device)
@@ -154,7 +171,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="dense/DEX alternations; medians over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="dense/DEX alternations; medians over all rounds")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
@@ -171,6 +188,7 @@ def main() -> None:
             )
             runs[name] += times
     peaks = {name: peak_memory(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
+    flops = {name: step_flops(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
     dense_step = statistics.median(runs["dense"])
     dex_step = statistics.median(runs["dex"])
     report = {
@@ -194,6 +212,12 @@ def main() -> None:
             **info["dex"],
         },
         "step_time_ratio_dex_over_dense": round(dex_step / dense_step, 3),
+        "step_time_ratio_spread": [
+            round(min(runs["dex"]) / min(runs["dense"]), 3),
+            round(statistics.quantiles(runs["dex"], n=4)[2] / statistics.quantiles(runs["dense"], n=4)[0], 3),
+        ],
+        "step_gflops": {name: round(value / 1e9, 3) for name, value in flops.items()},
+        "flop_ratio_dex_over_dense": round(flops["dex"] / flops["dense"], 3),
         "peak_memory_ratio_dex_over_dense": round(peaks["dex"] / max(peaks["dense"], 1e-9), 3),
         "target_step_time_ratio": 1.6 if args.config == "S" and device.type == "cpu" else None,
     }

@@ -137,7 +137,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
     """``E`` GELU MLPs applied to contiguous row groups, with a hand-written backward.
 
     Each expert's weight gradient is written straight into its slice of the stacked gradient (no zero-filled
-    per-expert copies, no stacking), and the GELU output is recomputed in backward instead of being stored.
+    per-expert copies, no stacking).
     Rows: ``x [R, D]``; ``rows[e]`` consecutive rows belong to expert e.
     """
 
@@ -155,16 +155,15 @@ class _GroupedExpertMLP(torch.autograd.Function):
         for e, r in enumerate(rows):
             if r:
                 torch.addmm(b2[e], hidden[starts[e] : starts[e + 1]], w2[e].t(), out=out[starts[e] : starts[e + 1]])
-        ctx.save_for_backward(x, pre, w1, w2)
+        ctx.save_for_backward(x, pre, hidden, w1, w2)
         ctx.starts = starts
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, pre, w1, w2 = ctx.saved_tensors
+        x, pre, hidden, w1, w2 = ctx.saved_tensors
         starts = ctx.starts
         grad_out = grad_out.contiguous()
-        hidden = F.gelu(pre)
         num_experts = w1.shape[0]
         grad_w1, grad_b1 = torch.empty_like(w1), torch.empty(w1.shape[:2], dtype=w1.dtype, device=w1.device)
         grad_w2, grad_b2 = torch.empty_like(w2), torch.empty(w2.shape[:2], dtype=w2.dtype, device=w2.device)
