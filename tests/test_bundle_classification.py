@@ -37,46 +37,14 @@ INPUT_SHAPE = [1, 3, 32, 32]
 pytestmark = pytest.mark.slow
 
 
-def _args(overrides: dict) -> list[str]:
-    args = []
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return args
+from bundle_helpers import bundle_args as _args  # noqa: E402
+from bundle_helpers import list_artifacts as _artifacts  # noqa: E402
+from bundle_helpers import mlflow_runs as _mlflow_runs  # noqa: E402
+from bundle_helpers import run_bundle  # noqa: E402
 
 
 def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
-           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
-    proc = subprocess.run(cmd + _args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def _mlflow_runs(db: Path, experiment: str) -> tuple:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    found = client.get_experiment_by_name(experiment)
-    assert found is not None, f"no MLflow experiment {experiment} in {db}"
-    return client, {r.info.run_name: r for r in client.search_runs([found.experiment_id])}
-
-
-def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
-    found = []
-    for item in client.list_artifacts(run_id, path):
-        found += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
-    return found
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return run_bundle(configs, overrides, CONFIGS, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,59 @@
+"""Helpers shared by the fine-tuning bundle tests: run a bundle, read its MLflow store, fingerprint folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bundle_args(overrides: dict) -> list[str]:
+    """``{"key": value}`` -> ``["--key", "value", ...]`` (lists and dicts as JSON)."""
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return args
+
+
+def run_bundle(configs: list[str], overrides: dict, configs_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` from the repository root with the bundle's metadata and logging config."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+           "--meta_file", str(configs_dir / "metadata.json"), "--logging_file", str(configs_dir / "logging.conf")]
+    proc = subprocess.run(cmd + bundle_args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def mlflow_runs(db: Path, experiment: str) -> tuple:
+    """The MLflow client of an SQLite store and the experiment's runs by name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment} in {db}"
+    return client, {r.info.run_name: r for r in client.search_runs([found.experiment_id])}
+
+
+def list_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact path of a run, recursively."""
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += list_artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """MD5 of every file under ``folder`` (to show inputs were left untouched)."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
