@@ -9,6 +9,7 @@ in the input's geometry), MLflow records, ``verify_metadata``, ``verify_net_in_o
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -238,3 +239,31 @@ def test_ckpt_export_matches_checkpoint(trained):
     x = torch.rand(3, *INPUT_SHAPE[1:])
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_related_system_configs_m4oe_network_and_gm_coord(tmp_path):
+    """M4oE (modality experts + gate) as the network and UMD's GM-Coord as the loss, on a two-modality datalist."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(6):
+        image, mask = _disk_image(rng)
+        Image.fromarray(image).save(tmp_path / f"img_{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"img_{i}_mask.png")
+        items.append({"image": f"img_{i}.png", "label": f"img_{i}_mask.png",
+                      "modality": "ultrasound" if i % 2 else "X-ray"})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items[:4], "validation": items[4:]}))
+    overrides = {**TINY, "datalist": str(datalist), "dataset_dir": str(tmp_path), "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path / "eval"), "experiment_name": "related"}
+    configs = [str(CONFIGS / "train.json"), str(CONFIGS / "m4oe.json"), str(CONFIGS / "gm_coord.json")]
+    _run_bundle(configs, overrides)
+    client, runs = _mlflow_runs(tmp_path / "eval" / "mlruns.db", "related")
+    run = next(iter(runs.values()))
+    coefficients = {k: v for k, v in run.data.metrics.items() if k.startswith("gm_coef_")}
+    assert set(coefficients) == {"gm_coef_X-ray", "gm_coef_ultrasound"}
+    assert all(0.0 < v <= 1.0 for v in coefficients.values())
+    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    state = weights.get("model", weights)
+    assert any(".m4oe.gate." in k for k in state)
