@@ -162,6 +162,7 @@ class DexLabelApp(MONAILabelApp):
             raise HTTPException(status_code=500, detail=detail) from e
 
     def _is_served_path(self, path: str) -> bool:
+        # the temporary folder is the server's own (scripts/label_server.sh gives it a private TMPDIR): uploads land there
         roots = [tempfile.gettempdir(), self.studies, str(self.work_dir)]
         sessions = getattr(self, "_sessions", None)
         if sessions is not None and getattr(sessions, "store_path", None):

@@ -35,6 +35,10 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import monailabel" 
   exit 3
 fi
 cd "$ROOT"
+# a private temporary folder for this server: MONAI Label writes uploads there, and the app serves files by path only
+# from there, the studies folder and its work folder (never from the shared /tmp)
+export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/dex-label-server.XXXXXX")"
+chmod 700 "$TMPDIR"
 # (the venv's python directly: the `monailabel` launcher runs whatever `python` is first on PATH)
 exec "$VENV/bin/python" -m monailabel.main start_server --app "$ROOT/label_app" --studies "$(cd "$STUDIES" && pwd)" \
   --host 127.0.0.1 --port "$PORT" ${CONF[@]+"${CONF[@]}"}
