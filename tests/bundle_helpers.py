@@ -57,3 +57,28 @@ def folder_digest(folder: Path) -> dict[str, str]:
     """MD5 of every file under ``folder`` (to show inputs were left untouched)."""
     return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def export_and_compare(root: Path, configs_dir: Path, overrides: dict, input_shape: list[int], batch: int,
+                       tolerance: float) -> None:
+    """``ckpt_export`` (traced) of ``root/models/model.pt``; the TorchScript model must give the checkpoint's output
+    on a batch of ``batch`` images (a size other than the traced one)."""
+    import torch
+    from monai.bundle import ConfigParser, ckpt_export
+
+    ts_path = root / "models" / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(ts_path), ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=str(configs_dir / "metadata.json"), config_file=str(configs_dir / "train.json"),
+        bundle_root=str(root), use_trace=True, input_shape=input_shape, **overrides,
+    )
+    exported = torch.jit.load(str(ts_path))
+    parser = ConfigParser()
+    parser.read_config(str(configs_dir / "train.json"))
+    parser.update({"bundle_root": str(root), **overrides})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    net.eval()
+    x = torch.rand(batch, *input_shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), atol=tolerance, rtol=tolerance)

@@ -42,6 +42,7 @@ INPUT_SHAPE = [1, 1, 32, 32, 32]
 pytestmark = pytest.mark.slow
 
 
+from bundle_helpers import export_and_compare  # noqa: E402
 from bundle_helpers import folder_digest as _digest  # noqa: E402
 from bundle_helpers import list_artifacts as _artifacts  # noqa: E402
 from bundle_helpers import mlflow_runs as _mlflow_runs  # noqa: E402
@@ -209,25 +210,7 @@ def test_verify_net_in_out():
 
 
 def test_ckpt_export_matches_checkpoint(trained):
-    from monai.bundle import ConfigParser, ckpt_export
-
-    root = trained["root"]
-    ts_path = root / "models" / "model.ts"
-    ckpt_export(
-        net_id="network_def", filepath=str(ts_path), ckpt_file=str(root / "models" / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "train.json"),
-        bundle_root=str(root), use_trace=True, input_shape=INPUT_SHAPE, **NETWORK,
-    )
-    exported = torch.jit.load(str(ts_path))
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"bundle_root": str(root), **NETWORK})
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
-    net.eval()
-    x = torch.rand(2, *INPUT_SHAPE[1:])
-    with torch.no_grad():
-        torch.testing.assert_close(exported(x), net(x), atol=1e-4, rtol=1e-4)
+    export_and_compare(trained["root"], CONFIGS, NETWORK, INPUT_SHAPE, batch=2, tolerance=1e-4)
 
 
 def test_checkpoint_errors_are_clear(tmp_path, pretrain_models):

@@ -72,23 +72,20 @@ class DexBundleInferTask(BundleInferTask):
         keys = [k for k in data if isinstance(k, str) and k.startswith(prefix) and isinstance(data[k], str)]
         return {k: data.pop(k) for k in keys}
 
-    def run_pre_transforms(self, data, transforms):
+    def _without_path_strings(self, run, data, transforms):
         stashed = self._stash(data)
         try:
-            out = super().run_pre_transforms(data, transforms)
+            out = run(data, transforms)
         finally:
             data.update(stashed)
         out.update(stashed)
         return out
 
+    def run_pre_transforms(self, data, transforms):
+        return self._without_path_strings(super().run_pre_transforms, data, transforms)
+
     def run_post_transforms(self, data, transforms):
-        stashed = self._stash(data)
-        try:
-            out = super().run_post_transforms(data, transforms)
-        finally:
-            data.update(stashed)
-        out.update(stashed)
-        return out
+        return self._without_path_strings(super().run_post_transforms, data, transforms)
 
     def post_transforms(self, data=None):
         # MONAI Label writes the result itself: drop the bundle's own writers too (e.g. SavePredictiond),
