@@ -100,18 +100,27 @@ def build(config: dict, dense: bool, device: torch.device) -> tuple[DEXMaskedAut
     return model, optimizer
 
 
-def train_step(model, optimizer, images, bf16: bool) -> float:
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train_step(model, optimizer, images, bf16: bool) -> tuple[float, float]:
+    """One pre-training step; returns (seconds of forward + backward, seconds of the optimiser step)."""
+    start = _now(images.device)
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
         _, out = model(images)
         loss = out["mae"] + 0.1 * out["alignment"] + 0.01 * out["balance"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    middle = _now(images.device)
     optimizer.step()
-    return float(loss.detach())
+    return middle - start, _now(images.device) - middle
 
 
 def time_steps(config: dict, dense: bool, device: torch.device, steps: int, warmup: int, bf16: bool, seed: int):
-    """Median-ready list of step times (s) for a freshly built model; no sampler thread runs meanwhile."""
+    """(forward + backward, optimiser) seconds of each timed step of a freshly built model; no sampler thread runs."""
     release_memory(device)
     torch.manual_seed(seed)
     batch = torch.rand(config["batch"], 3, config["img_size"], config["img_size"], device=device)
@@ -121,13 +130,7 @@ def time_steps(config: dict, dense: bool, device: torch.device, steps: int, warm
         train_step(model, optimizer, batch, bf16)
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_step(model, optimizer, batch, bf16)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(train_step(model, optimizer, batch, bf16))
     info = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -189,8 +192,16 @@ def main() -> None:
             runs[name] += times
     peaks = {name: peak_memory(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
     flops = {name: step_flops(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
-    dense_step = statistics.median(runs["dense"])
-    dex_step = statistics.median(runs["dex"])
+    steps = {name: [sum(parts) for parts in runs[name]] for name in runs}
+    phases = {
+        name: {
+            "forward_backward_s": round(statistics.median(p[0] for p in runs[name]), 5),
+            "optimizer_s": round(statistics.median(p[1] for p in runs[name]), 5),
+        }
+        for name in runs
+    }
+    dense_step = statistics.median(steps["dense"])
+    dex_step = statistics.median(steps["dex"])
     report = {
         "config": args.config,
         "settings": config,
@@ -198,24 +209,29 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "bf16": args.bf16,
-        "steps_timed_per_model": len(runs["dex"]),
+        "steps_timed_per_model": len(steps["dex"]),
         "dense": {
             "median_step_s": round(dense_step, 5),
+            **phases["dense"],
             "images_per_s": round(config["batch"] / dense_step, 2),
             "peak_memory_mib": peaks["dense"],
             **info["dense"],
         },
         "dex": {
             "median_step_s": round(dex_step, 5),
+            **phases["dex"],
             "images_per_s": round(config["batch"] / dex_step, 2),
             "peak_memory_mib": peaks["dex"],
             **info["dex"],
         },
         "step_time_ratio_dex_over_dense": round(dex_step / dense_step, 3),
         "step_time_ratio_spread": [
-            round(min(runs["dex"]) / min(runs["dense"]), 3),
-            round(statistics.quantiles(runs["dex"], n=4)[2] / statistics.quantiles(runs["dense"], n=4)[0], 3),
+            round(min(steps["dex"]) / min(steps["dense"]), 3),
+            round(statistics.quantiles(steps["dex"], n=4)[2] / statistics.quantiles(steps["dense"], n=4)[0], 3),
         ],
+        "phase_ratios_dex_over_dense": {
+            phase: round(phases["dex"][phase] / phases["dense"][phase], 3) for phase in ("forward_backward_s", "optimizer_s")
+        },
         "step_gflops": {name: round(value / 1e9, 3) for name, value in flops.items()},
         "flop_ratio_dex_over_dense": round(flops["dex"] / flops["dense"], 3),
         "peak_memory_ratio_dex_over_dense": round(peaks["dex"] / max(peaks["dense"], 1e-9), 3),

@@ -188,6 +188,22 @@ def test_gema_matches_formula_on_hand_made_case():
     torch.testing.assert_close(layer.router.expert_load, 0.01 * weights, atol=1e-6, rtol=1e-5)
 
 
+def test_alignment_target_is_the_director_before_this_steps_gema():
+    torch.manual_seed(0)
+    layer = DEXLayer(8, 16, num_experts=4, top_k=2, mode="pretrain").train()
+    layer.gema_momentum = 0.0  # the update replaces the director with the experts' weighted mean
+    with torch.no_grad():
+        layer.experts.linear1_weight.add_(torch.randn_like(layer.experts.linear1_weight))
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        target_before = layer.director(x)
+    out = layer(x)
+    with torch.no_grad():
+        target_after = layer.director(x)
+    assert not torch.allclose(target_before, target_after)
+    torch.testing.assert_close(layer.alignment_loss, alignment_loss(out, target_before))
+
+
 def test_statistics_and_gema_frozen_in_eval_mode():
     mae = tiny_mae()
     mae.set_schedule_values(gema_momentum=0.5, noise_std=1.0)

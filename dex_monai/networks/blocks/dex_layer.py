@@ -386,14 +386,15 @@ class DEXLayer(nn.Module):
             gates, indices = decision.gates.reshape(batch * tokens, -1), decision.indices.reshape(batch * tokens, -1)
         out = self.experts(units, gates, indices).reshape(batch, tokens, dim)
 
-        if self.training:
-            self._update_statistics(gates.detach(), indices)
         if self.mode == "pretrain":
+            # the target comes from the director before this step's GEMA update, as in the public code
             with torch.no_grad():
                 target = self.director(x)
             self.alignment_loss = alignment_loss(out, target, self.alignment)
         else:
             self.alignment_loss = x.new_zeros(())
+        if self.training:
+            self._update_statistics(gates.detach(), indices)
         self.balance_loss = decision.balance_loss
         if self.router.routing == "image":
             self.routing = {"indices": indices, "gates": gates.detach()}
