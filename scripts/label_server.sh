@@ -36,9 +36,18 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import monailabel" 
 fi
 cd "$ROOT"
 # a private temporary folder for this server: MONAI Label writes uploads there, and the app serves files by path only
-# from there, the studies folder and its work folder (never from the shared /tmp)
-export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/dex-label-server.XXXXXX")"
-chmod 700 "$TMPDIR"
+# from there, the studies folder and its work folder (never from the shared /tmp); removed when the server stops
+SERVER_TMP="$(mktemp -d "${TMPDIR:-/tmp}/dex-label-server.XXXXXX")"
+chmod 700 "$SERVER_TMP"
+trap 'rm -rf "$SERVER_TMP"' EXIT
+export TMPDIR="$SERVER_TMP"
 # (the venv's python directly: the `monailabel` launcher runs whatever `python` is first on PATH)
-exec "$VENV/bin/python" -m monailabel.main start_server --app "$ROOT/label_app" --studies "$(cd "$STUDIES" && pwd)" \
-  --host 127.0.0.1 --port "$PORT" ${CONF[@]+"${CONF[@]}"}
+"$VENV/bin/python" -m monailabel.main start_server --app "$ROOT/label_app" --studies "$(cd "$STUDIES" && pwd)" \
+  --host 127.0.0.1 --port "$PORT" ${CONF[@]+"${CONF[@]}"} &
+SERVER_PID=$!
+trap 'kill -TERM "$SERVER_PID" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$SERVER_PID" || status=$?
+# a signal interrupts the first wait; wait again for the server to finish before the folder is removed
+while kill -0 "$SERVER_PID" 2>/dev/null; do wait "$SERVER_PID" || status=$?; done
+exit "$status"

@@ -160,6 +160,7 @@ class Server:
         self.studies = root / "studies"
         self.work = root / "work"
         self.log = root / "server.log"
+        self.tmp_parent = root / "tmp"  # the server makes its private temporary folder in here
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -173,7 +174,8 @@ class Server:
             "--conf", "overrides", str(overrides),
             "--conf", "work_dir", str(self.work),
         ]  # fmt: skip
-        env = {**os.environ, "DEX_LABEL_VENV": str(LABEL_VENV), "PYTHONUNBUFFERED": "1"}
+        self.tmp_parent.mkdir(exist_ok=True)
+        env = {**os.environ, "DEX_LABEL_VENV": str(LABEL_VENV), "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmp_parent)}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)  # fmt: skip
@@ -433,3 +435,11 @@ def test_train_writes_a_new_model_that_the_next_inference_uses(server, tmp_path,
 
 def test_the_users_images_are_untouched(server):
     assert _digests(server.studies) == server.digests
+
+
+def test_stopping_the_server_removes_its_temporary_folder(server):
+    # runs last: it stops the module's server
+    assert len(list(server.tmp_parent.glob("dex-label-server.*"))) == 1
+    server.stop()
+    assert server.proc.returncode is not None
+    assert list(server.tmp_parent.glob("dex-label-server.*")) == []
