@@ -2,11 +2,12 @@
 """Pre-training step time and peak memory of DEX MAE against a dense MAE of the same dimensions.
 
 Both models are built from the same code (the dense one has plain MLPs instead of DEX layers) and run in this
-process, alternating, on the same random batches. A step is forward (including the GEMA update), backward and an
-AdamW step (``fused=True``, on CPU and CUDA). Prints one JSON object: median step times, their ratio (and
-``step_time_ratio_spread``: the ratio of the fastest steps and a pessimistic quartile ratio, to show the noise),
-images/s, peak memory, and the FLOPs of a step counted by ``torch.utils.flop_counter`` (so the time ratio can be
-read against the arithmetic ratio).
+process on the same random batch, in pairs of back-to-back steps (order alternating), so that the drifting speed
+of a shared machine falls on both alike. A step is forward (including the GEMA update), backward and an AdamW step
+(``fused=True``, on CPU and CUDA). Prints one JSON object: median step times (split into forward + backward and
+optimiser), ``step_time_ratio_dex_over_dense`` (the median over pairs of DEX step / dense step; its quartiles, the
+ratio of the medians and of the fastest steps show the noise), images/s, peak memory, and the FLOPs of a step
+counted by ``torch.utils.flop_counter`` (so the time ratio can be read against the arithmetic ratio).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident-set growth above the level
 before the model was built, sampled every millisecond in a separate pass (so the sampler does not slow the timed steps) (``malloc_trim`` between runs so freed memory is returned).
@@ -37,6 +38,10 @@ CONFIGS = {
     "S": dict(
         img_size=64, patch_size=8, hidden_size=192, mlp_dim=768, num_layers=6, num_heads=3, num_experts=8, top_k=2,
         decoder_hidden_size=128, decoder_mlp_dim=512, decoder_num_layers=2, decoder_num_heads=4, batch=32,
+    ),
+    "tiny": dict(  # a seconds-long smoke run (tests), not a benchmark
+        img_size=32, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2, num_experts=4, top_k=2,
+        decoder_hidden_size=16, decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2, batch=4,
     ),
     "B": dict(
         img_size=224, patch_size=16, hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12, num_experts=8,
@@ -119,25 +124,68 @@ def train_step(model, optimizer, images, bf16: bool) -> tuple[float, float]:
     return middle - start, _now(images.device) - middle
 
 
-def time_steps(config: dict, dense: bool, device: torch.device, steps: int, warmup: int, bf16: bool, seed: int):
-    """(forward + backward, optimiser) seconds of each timed step of a freshly built model; no sampler thread runs."""
+def time_round(config: dict, device: torch.device, steps: int, warmup: int, bf16: bool, seed: int):
+    """Times ``steps`` pairs of steps of freshly built dense and DEX models on the same batch.
+
+    The two steps of a pair run back to back, their order alternating from pair to pair, so that slow drifts of
+    the machine's speed fall on both models alike. No sampler thread runs meanwhile.
+
+    Returns:
+        ``{"dense": [(forward + backward s, optimiser s), ...], "dex": [...]}`` (index i of both lists: pair i) and
+        the parameter counts of both models.
+    """
     release_memory(device)
     torch.manual_seed(seed)
     batch = torch.rand(config["batch"], 3, config["img_size"], config["img_size"], device=device)
-    model, optimizer = build(config, dense, device)
-    model.set_schedule_values(gema_momentum=0.99, noise_std=1.0)
+    models = {name: build(config, name == "dense", device) for name in ("dense", "dex")}
+    for model, _ in models.values():
+        model.set_schedule_values(gema_momentum=0.99, noise_std=1.0)
     for _ in range(warmup):
-        train_step(model, optimizer, batch, bf16)
-    times = []
-    for _ in range(steps):
-        times.append(train_step(model, optimizer, batch, bf16))
+        for model, optimizer in models.values():
+            train_step(model, optimizer, batch, bf16)
+    times: dict[str, list] = {"dense": [], "dex": []}
+    for pair in range(steps):
+        for name in ("dense", "dex") if pair % 2 == 0 else ("dex", "dense"):
+            times[name].append(train_step(*models[name], batch, bf16))
     info = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        name: {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        for name, (model, _) in models.items()
     }
-    del model, optimizer
+    del models
     release_memory(device)
     return times, info
+
+
+def expert_grouping_cost(config: dict, device: torch.device, repeats: int = 40) -> dict:
+    """Forward + backward time of one layer's experts for the same routed rows split two ways.
+
+    ``spread``: the batch's images spread over all experts (as routing does, about batch * top_k / experts images per
+    expert); ``two_experts``: the same number of (image, expert) pairs on two experts only. Same arithmetic, fewer
+    and larger matrix products; the ratio is what smaller per-expert products cost on this device.
+    """
+    from dex_monai.networks.blocks.dex_layer import StackedExpertMLP
+
+    torch.manual_seed(0)
+    batch, top_k, num_experts = config["batch"], config["top_k"], config["num_experts"]
+    tokens = 1 + max(1, int((config["img_size"] // config["patch_size"]) ** 2 * 0.25))  # CLS + visible patches
+    experts = StackedExpertMLP(num_experts, config["hidden_size"], config["mlp_dim"]).to(device)
+    units = torch.randn(batch, tokens, config["hidden_size"], device=device, requires_grad=True)
+    gates = torch.full((batch, top_k), 1.0 / top_k, device=device)
+    spread = torch.stack([(torch.arange(top_k) + i * top_k) % num_experts for i in range(batch)]).to(device)
+    layouts = {"spread": spread, "two_experts": torch.stack([torch.arange(top_k)] * batch).to(device)}
+    times: dict[str, list] = {name: [] for name in layouts}
+    for repeat in range(repeats + 2):
+        for name, indices in layouts.items():
+            start = _now(device)
+            experts(units, gates, indices).square().mean().backward()
+            if repeat >= 2:
+                times[name].append(_now(device) - start)
+    medians = {f"{name}_s": round(statistics.median(values), 5) for name, values in times.items()}
+    pair_ratios = [a / b for a, b in zip(times["spread"], times["two_experts"])]
+    return medians | {"ratio_spread_over_two_experts": round(statistics.median(pair_ratios), 3)}
 
 
 def step_flops(config: dict, dense: bool, device: torch.device, bf16: bool) -> float:
@@ -172,9 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="S")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=10, help="timed pairs of steps (dense and DEX) per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5, help="dense/DEX alternations; medians over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of freshly built models; medians over all rounds")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
@@ -185,11 +233,9 @@ def main() -> None:
     runs: dict[str, list] = {"dense": [], "dex": []}
     info: dict[str, dict] = {}
     for round_index in range(args.rounds):
-        for name in ("dense", "dex"):
-            times, info[name] = time_steps(
-                config, name == "dense", device, args.steps, args.warmup, args.bf16, seed=round_index
-            )
-            runs[name] += times
+        times, info = time_round(config, device, args.steps, args.warmup, args.bf16, seed=round_index)
+        for name in runs:
+            runs[name] += times[name]
     peaks = {name: peak_memory(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
     flops = {name: step_flops(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
     steps = {name: [sum(parts) for parts in runs[name]] for name in runs}
@@ -202,6 +248,8 @@ def main() -> None:
     }
     dense_step = statistics.median(steps["dense"])
     dex_step = statistics.median(steps["dex"])
+    pair_ratios = [dex / dense for dex, dense in zip(steps["dex"], steps["dense"])]
+    quartiles = statistics.quantiles(pair_ratios, n=4)
     report = {
         "config": args.config,
         "settings": config,
@@ -224,15 +272,15 @@ def main() -> None:
             "peak_memory_mib": peaks["dex"],
             **info["dex"],
         },
-        "step_time_ratio_dex_over_dense": round(dex_step / dense_step, 3),
-        "step_time_ratio_spread": [
-            round(min(steps["dex"]) / min(steps["dense"]), 3),
-            round(statistics.quantiles(steps["dex"], n=4)[2] / statistics.quantiles(steps["dense"], n=4)[0], 3),
-        ],
+        "step_time_ratio_dex_over_dense": round(statistics.median(pair_ratios), 3),
+        "step_time_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "step_time_ratio_of_medians": round(dex_step / dense_step, 3),
+        "step_time_ratio_of_fastest_steps": round(min(steps["dex"]) / min(steps["dense"]), 3),
         "phase_ratios_dex_over_dense": {
             phase: round(phases["dex"][phase] / phases["dense"][phase], 3) for phase in ("forward_backward_s", "optimizer_s")
         },
-        "step_gflops": {name: round(value / 1e9, 3) for name, value in flops.items()},
+        "expert_layer_grouping": expert_grouping_cost(config, device),
+        "step_gflops": {name: round(value / 1e9, 6) for name, value in flops.items()},
         "flop_ratio_dex_over_dense": round(flops["dex"] / flops["dense"], 3),
         "peak_memory_ratio_dex_over_dense": round(peaks["dex"] / max(peaks["dense"], 1e-9), 3),
         "target_step_time_ratio": 1.6 if args.config == "S" and device.type == "cpu" else None,
