@@ -235,6 +235,15 @@ def _frame_spacing(ds: Any) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def _stack_images(arrays: list[np.ndarray], metas: list[dict]) -> tuple[np.ndarray, dict]:
+    """One image as it is; several (same shape) stacked on a new channel axis 0, with the first one's metadata."""
+    if len(arrays) == 1:
+        return arrays[0], metas[0]
+    meta = metas[0]
+    meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+    return np.stack(arrays, axis=0), meta
+
+
 class _StoredDtypeMixin:
     """Records the stored dtype (and, for unsigned 8/16-bit data, the stored range) in the metadata."""
 
@@ -421,11 +430,7 @@ class DicomFileReader(ImageReader):
             arr, meta = self._to_array(path, ds)
             arrays.append(arr)
             metas.append(meta)
-        if len(arrays) == 1:
-            return arrays[0], metas[0]
-        meta = metas[0]
-        meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
-        return np.stack(arrays, axis=0), meta
+        return _stack_images(arrays, metas)
 
     def _to_array(self, path: str, ds: Any) -> tuple[np.ndarray, dict]:
         from pydicom.pixels import apply_color_lut, apply_modality_lut
@@ -609,11 +614,7 @@ class NpzStackReader(ImageReader):
                 meta[INTENSITY_RANGE] = [0.0, float(np.iinfo(arr.dtype).max)]
             arrays.append(np.ascontiguousarray(arr))
             metas.append(meta)
-        if len(arrays) == 1:
-            return arrays[0], metas[0]
-        meta = metas[0]
-        meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
-        return np.stack(arrays, axis=0), meta
+        return _stack_images(arrays, metas)
 
 
 def reader_for(
