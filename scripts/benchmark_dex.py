@@ -10,7 +10,8 @@ ratio of the medians and of the fastest steps show the noise), images/s, peak me
 counted by ``torch.utils.flop_counter`` (so the time ratio can be read against the arithmetic ratio).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident-set growth above the level
-before the model was built, sampled every millisecond in a separate pass (so the sampler does not slow the timed steps) (``malloc_trim`` between runs so freed memory is returned).
+before the model was built, sampled every millisecond in a separate pass (so the sampler does not slow the timed
+steps; ``malloc_trim`` between runs so freed memory is returned).
 
 Examples::
 
@@ -48,6 +49,9 @@ CONFIGS = {
         top_k=2, decoder_hidden_size=512, decoder_mlp_dim=2048, decoder_num_layers=8, decoder_num_heads=16, batch=8,
     ),
 }
+
+
+MASKING_RATIO = 0.75
 
 
 class PeakRSS:
@@ -98,7 +102,8 @@ def release_memory(device: torch.device) -> None:
 
 def build(config: dict, dense: bool, device: torch.device) -> tuple[DEXMaskedAutoEncoder, torch.optim.Optimizer]:
     kwargs = {k: v for k, v in config.items() if k != "batch"}
-    model = DEXMaskedAutoEncoder(in_channels=3, spatial_dims=2, masking_ratio=0.75, dense=dense, **kwargs).to(device)
+    model = DEXMaskedAutoEncoder(in_channels=3, spatial_dims=2, masking_ratio=MASKING_RATIO, dense=dense, **kwargs)
+    model = model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05, fused=True)
@@ -170,7 +175,8 @@ def expert_grouping_cost(config: dict, device: torch.device, repeats: int = 40) 
 
     torch.manual_seed(0)
     batch, top_k, num_experts = config["batch"], config["top_k"], config["num_experts"]
-    tokens = 1 + max(1, int((config["img_size"] // config["patch_size"]) ** 2 * 0.25))  # CLS + visible patches
+    visible = max(1, int((config["img_size"] // config["patch_size"]) ** 2 * (1.0 - MASKING_RATIO)))
+    tokens = 1 + visible  # CLS + the patches the encoder sees
     experts = StackedExpertMLP(num_experts, config["hidden_size"], config["mlp_dim"]).to(device)
     units = torch.randn(batch, tokens, config["hidden_size"], device=device, requires_grad=True)
     gates = torch.full((batch, top_k), 1.0 / top_k, device=device)
@@ -179,6 +185,8 @@ def expert_grouping_cost(config: dict, device: torch.device, repeats: int = 40) 
     times: dict[str, list] = {name: [] for name in layouts}
     for repeat in range(repeats + 2):
         for name, indices in layouts.items():
+            experts.zero_grad(set_to_none=True)  # as in a training step: no accumulation into earlier gradients
+            units.grad = None
             start = _now(device)
             experts(units, gates, indices).square().mean().backward()
             if repeat >= 2:
@@ -277,7 +285,8 @@ def main() -> None:
         "step_time_ratio_of_medians": round(dex_step / dense_step, 3),
         "step_time_ratio_of_fastest_steps": round(min(steps["dex"]) / min(steps["dense"]), 3),
         "phase_ratios_dex_over_dense": {
-            phase: round(phases["dex"][phase] / phases["dense"][phase], 3) for phase in ("forward_backward_s", "optimizer_s")
+            phase: round(phases["dex"][phase] / phases["dense"][phase], 3)
+            for phase in ("forward_backward_s", "optimizer_s")
         },
         "expert_layer_grouping": expert_grouping_cost(config, device),
         "step_gflops": {name: round(value / 1e9, 6) for name, value in flops.items()},

@@ -11,7 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_dex.py"
 
 
 def test_benchmark_dex_tiny_run_reports_paired_ratio_flops_and_memory():
-    cmd = [sys.executable, str(SCRIPT), "--config", "tiny", "--steps", "4", "--rounds", "2", "--warmup", "1", "--threads", "1"]
+    cmd = [sys.executable, str(SCRIPT), "--config", "tiny", "--steps", "4", "--rounds", "2", "--warmup", "1"]
+    cmd += ["--threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
     report = json.loads(done.stdout)
     assert report["steps_timed_per_model"] == 8 and report["threads"] == 1
