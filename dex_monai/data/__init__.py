@@ -33,6 +33,9 @@ from dex_monai.data.readers import (
     image_format,
     reader_for,
 )
+from dex_monai.data.checks import RejectedFile  # noqa: E402
+from dex_monai.data.datalist import inference_datalist, plan_outputs  # noqa: E402
+from dex_monai.data.failures import FailureTolerantDataset, collate_skipping_failures  # noqa: E402
 from dex_monai.data.cache import SliceCache, slice_cache_key, source_signature  # noqa: E402
 from dex_monai.data.dataset import SliceDataset, expand_datalist, load_datalist, select_entries  # noqa: E402
 from dex_monai.data.sampler import ModalityBalancedSampler  # noqa: E402
@@ -44,6 +47,11 @@ __all__ = [
     "MODALITY_INDEX",
     "UNKNOWN_MODALITY",
     "DicomFileReader",
+    "FailureTolerantDataset",
+    "RejectedFile",
+    "collate_skipping_failures",
+    "inference_datalist",
+    "plan_outputs",
     "DicomSeriesReader",
     "ITKImageReader",
     "ImageDecodeError",

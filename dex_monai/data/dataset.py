@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -13,40 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 from dex_monai.data.cache import SliceCache, slice_cache_key
+from dex_monai.data.datalist import load_datalist
 from dex_monai.data.modality import MODALITIES, ModalityRules, canonical_modality, modality_index
 
 __all__ = ["load_datalist", "expand_datalist", "select_entries", "SliceDataset"]
-
-
-_PATH_KEYS = ("image", "label", "source")
-
-
-def load_datalist(
-    path: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None
-) -> list[dict]:
-    """Read the ``key`` list of a datalist JSON (from the index) with relative paths made absolute.
-
-    Only the path fields (``image``, ``label``, ``source``) are resolved against ``base_dir`` (default:
-    the JSON's folder); other fields such as ``modality`` are kept as written (MONAI's
-    ``load_decathlon_datalist`` would turn any value that happens to name an existing file into a path).
-    """
-    with open(path, encoding="utf-8") as f:
-        try:
-            content = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}: not a valid JSON datalist: {e}") from e
-    if key not in content:
-        raise ValueError(f"{path}: no '{key}' list in the datalist (keys: {sorted(content)}).")
-    base = os.path.dirname(os.path.abspath(path)) if base_dir is None else os.path.abspath(os.fspath(base_dir))
-    items = []
-    for entry in content[key]:
-        item = dict(entry) if isinstance(entry, Mapping) else {"image": entry}
-        for k in _PATH_KEYS:
-            v = item.get(k)
-            if isinstance(v, str) and v and not os.path.isabs(v):
-                item[k] = os.path.normpath(os.path.join(base, v))
-        items.append(item)
-    return items
 
 
 def expand_datalist(items: Sequence[Mapping[str, Any]], volumes: bool = False, slice_axis: int = 2) -> list[dict]:

@@ -40,31 +40,29 @@ from dex_monai.data.modality import (
     ModalityRules,
     modality_from_dicom,
 )
-from dex_monai.data.readers import (
+from dex_monai.data.checks import (
+    REJECT_CATEGORIES,
     ImageDecodeError,
+    RejectedFile,
+    check_pixels as check_pixel_values,
+    check_slice_positions,
+    classify_error,
+    is_mosaic,
+    slice_positions,
+)
+from dex_monai.data.readers import (
     _pil_convert,
     decode_dicom_pixels,
     dicom_pixel_spacing,
     image_format,
     is_colour_last,
     medmnist_splits,
+    mosaic_shape_and_spacing,
     npz_array_info,
     transfer_syntax_description,
 )
 
-__all__ = ["RejectedFile", "build_datalist", "write_datalist", "format_summary", "main"]
-
-REJECT_CATEGORIES = (
-    "empty",
-    "corrupt",
-    "truncated",
-    "unreadable compression",
-    "constant",
-    "non-finite",
-    "unsupported",
-    "unknown modality",
-    "no pixel data",
-)
+__all__ = ["REJECT_CATEGORIES", "RejectedFile", "build_datalist", "write_datalist", "format_summary", "main"]
 
 _IMAGE_DIR_TO_LABEL_DIRS = {
     "imagestr": ("labelsTr",),
@@ -75,57 +73,9 @@ _IMAGE_DIR_TO_LABEL_DIRS = {
 }
 
 
-class RejectedFile(Exception):
-    """A file the index cannot use: ``category`` (one of :data:`REJECT_CATEGORIES`) and a detail."""
-
-    def __init__(self, category: str, detail: str) -> None:
-        super().__init__(f"{category}: {detail}")
-        self.category = category
-        self.detail = detail
-
-
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _classify(exc: BaseException) -> RejectedFile:
-    """Map a decoder exception to a rejection category."""
-    if isinstance(exc, RejectedFile):
-        return exc
-    text = f"{type(exc).__name__}: {exc}"
-    low = text.lower()
-    if isinstance(exc, EOFError) or any(
-        k in low
-        for k in (
-            "truncated",
-            "ended before",
-            "end of file",
-            "unexpected end",
-            "less than expected",
-            "could only read",
-            "not fully written",
-            "fewer bytes",
-        )
-    ):
-        return RejectedFile("truncated", text)
-    if any(k in low for k in ("plugins are missing", "no pixel data handler", "unable to decompress", "unable to decode")):
-        return RejectedFile("unreadable compression", text)
-    return RejectedFile("corrupt", text)
-
-
-def _check_pixels(arr: np.ndarray) -> None:
-    """Reject empty, non-finite and constant pixel arrays."""
-    if arr.size == 0:
-        raise RejectedFile("empty", "the image has no pixels")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise RejectedFile("non-finite", f"{bad} NaN/Inf values")
-    if arr.dtype.kind == "O":
-        raise RejectedFile("unsupported", "object array")
-    lo, hi = arr.min(), arr.max()
-    if lo == hi:
-        raise RejectedFile("constant", f"all pixels are {lo.item() if hasattr(lo, 'item') else lo}")
 
 
 def _round(values: Iterable[float] | None) -> list[float] | None:
@@ -176,7 +126,7 @@ def _read_dicom(path: str, pixels: bool) -> Any:
         except InvalidDicomError as e:
             raise RejectedFile("corrupt", f"not a valid DICOM file ({e})") from e
         except Exception as e:
-            raise _classify(e) from e
+            raise classify_error(e) from e
     ended = [m for m in log.messages if "end of file" in m.lower() or "truncat" in m.lower()]
     if ended:
         raise RejectedFile("truncated", ended[0])
@@ -195,7 +145,7 @@ def _dicom_pixels(path: str) -> np.ndarray:
         return decode_dicom_pixels(ds, path)
     except ImageDecodeError as e:
         cause = e.__cause__ if e.__cause__ is not None else e
-        rej = _classify(cause)
+        rej = classify_error(cause)
         if rej.category == "corrupt" and "compress" in transfer_syntax_description(ds).lower():
             rej = RejectedFile("unreadable compression", str(e))
         raise RejectedFile(rej.category, str(e)) from e
@@ -231,7 +181,7 @@ def _describe_nifti(path: str, check_pixels: bool) -> list[dict]:
         zooms = img.header.get_zooms()
         dtype = np.dtype(img.get_data_dtype()).name
     except Exception as e:
-        raise _classify(e) from e
+        raise classify_error(e) from e
     if len(shape) > 3 and any(s > 1 for s in shape[3:]):
         raise RejectedFile("unsupported", f"{len(shape)}-D NIfTI {shape} (time series); split it into 3-D volumes")
     shape = shape[:3]
@@ -243,8 +193,8 @@ def _describe_nifti(path: str, check_pixels: bool) -> list[dict]:
         try:
             arr = np.asanyarray(img.dataobj)
         except Exception as e:
-            raise _classify(e) from e
-        _check_pixels(arr)
+            raise classify_error(e) from e
+        check_pixel_values(arr)
     elif not path.lower().endswith(".gz"):
         offset = int(getattr(img.dataobj, "offset", 0) or img.header.get("vox_offset", 0))
         need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -274,11 +224,11 @@ def _describe_pil(path: str, check_pixels: bool) -> list[dict]:
     except UnidentifiedImageError as e:
         raise RejectedFile("corrupt", f"not a readable image ({e})") from e
     except Exception as e:
-        raise _classify(e) from e
+        raise classify_error(e) from e
     if width == 0 or height == 0:
         raise RejectedFile("empty", f"size {width}x{height}")
     if check_pixels:
-        _check_pixels(arr)
+        check_pixel_values(arr)
     channels = 1 if mode in ("L", "LA", "La", "1", "I", "F") or mode.startswith("I;") else 3
     dtype = "uint16" if mode.startswith("I;16") else ("int32" if mode == "I" else ("float32" if mode == "F" else "uint8"))
     return [{"dim": 2, "size": [width, height], "spacing": None, "num_slices": 1, "channels": channels, "dtype": dtype}]
@@ -299,7 +249,7 @@ def _describe_itk(path: str, check_pixels: bool) -> list[dict]:
         comps = int(io.GetNumberOfComponents())
         ctype = str(io.GetComponentTypeAsString(io.GetComponentType()))
     except Exception as e:
-        raise _classify(e) from e
+        raise classify_error(e) from e
     if nd > 3:
         raise RejectedFile("unsupported", f"{nd}-D image")
     if 0 in dims:
@@ -309,8 +259,8 @@ def _describe_itk(path: str, check_pixels: bool) -> list[dict]:
         try:
             arr = itk.array_from_image(itk.imread(path))
         except Exception as e:
-            raise _classify(e) from e
-        _check_pixels(arr)
+            raise classify_error(e) from e
+        check_pixel_values(arr)
     itk_types = {"unsigned_char": "uint8", "char": "int8", "unsigned_short": "uint16", "short": "int16", "float": "float32"}
     return [
         {
@@ -341,16 +291,16 @@ def _describe_npy(path: str, check_pixels: bool) -> list[dict]:
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise RejectedFile("unsupported", f"object (pickled) array: {e}") from e
-        raise _classify(e) from e
+        raise classify_error(e) from e
     except Exception as e:
-        raise _classify(e) from e
+        raise classify_error(e) from e
     dim, size, channels = _array_layout(arr.shape)
     if check_pixels:
         try:
             full = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise _classify(e) from e
-        _check_pixels(full)
+            raise classify_error(e) from e
+        check_pixel_values(full)
     return [
         {
             "dim": dim,
@@ -373,7 +323,7 @@ def _describe_npz(path: str, check_pixels: bool) -> list[dict]:
     except Exception as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise RejectedFile("unsupported", f"object (pickled) array: {e}") from e
-        raise _classify(e) from e
+        raise classify_error(e) from e
     if not info:
         raise RejectedFile("empty", "no arrays in the npz")
     splits = medmnist_splits(list(info))
@@ -404,8 +354,8 @@ def _describe_npz(path: str, check_pixels: bool) -> list[dict]:
                 try:
                     arr = data[key]
                 except Exception as e:
-                    raise _classify(e) from e
-                _check_pixels(arr)
+                    raise classify_error(e) from e
+                check_pixel_values(arr)
             entry: dict[str, Any] = {
                 "dim": dim,
                 "size": size,
@@ -453,7 +403,7 @@ def _is_volume_series(headers: list[tuple[str, Any]]) -> bool:
     orient = first.get("ImageOrientationPatient")
     positions = []
     for _, ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or is_mosaic(ds):
             return False
         if (ds.get("Rows"), ds.get("Columns")) != (first.get("Rows"), first.get("Columns")):
             return False
@@ -462,14 +412,6 @@ def _is_volume_series(headers: list[tuple[str, Any]]) -> bool:
             return False
         positions.append(tuple(round(float(v), 4) for v in ipp))
     return len(set(positions)) == len(positions)
-
-
-def _slice_spacing(headers: list[tuple[str, Any]]) -> float:
-    iop = np.asarray([float(v) for v in headers[0][1].ImageOrientationPatient])
-    normal = np.cross(iop[:3], iop[3:])
-    dists = sorted(float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for _, ds in headers)
-    diffs = np.diff(dists)
-    return float(np.median(diffs)) if len(diffs) else 1.0
 
 
 class _Indexer:
@@ -560,10 +502,10 @@ class _Indexer:
             if self.rules.is_label(path, root=source):
                 self.labels.append({"label": path, "format": fmt, "source": source})
                 return
+            descs = _DESCRIBERS[fmt](path, self.check_pixels)  # the file's own problems come first
             rule = self.rules.match(path, root=source)
             if rule is None:
                 self._modality(path, source, None)  # raises "unknown modality"
-            descs = _DESCRIBERS[fmt](path, self.check_pixels)
         except RejectedFile as e:
             self._reject(path, source, e)
             return
@@ -614,6 +556,7 @@ class _Indexer:
         tag = str(first.get("Modality", "") or "")
         try:
             modality, how = self._modality(members[0][0], source, tag)
+            slice_spacing = check_slice_positions(slice_positions([ds for _, ds in members]))
             if self.check_pixels:
                 lows, highs = [], []
                 for path, _ in members:
@@ -636,7 +579,7 @@ class _Indexer:
         desc = {
             "dim": 3,
             "size": [int(first.Columns), int(first.Rows), len(members)],
-            "spacing": _round([*px, _slice_spacing(members)]),
+            "spacing": _round([*px, slice_spacing]),
             "num_slices": len(members),
             "channels": _photometric_channels(first),
             "dtype": _dicom_dtype(first),
@@ -651,7 +594,7 @@ class _Indexer:
         try:
             modality, how = self._modality(path, source, tag)
             if self.check_pixels:
-                _check_pixels(_dicom_pixels(path))
+                check_pixel_values(_dicom_pixels(path))
         except RejectedFile as e:
             self._reject(path, source, e)
             return
@@ -661,6 +604,14 @@ class _Indexer:
         spacing = dicom_pixel_spacing(ds, default=None)
         if spacing is not None and dim == 3:
             spacing = spacing + [float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 1) or 1)]
+        extra: dict[str, Any] = {}
+        if is_mosaic(ds):  # one 3-D volume tiled into the frame (Siemens fMRI / DWI)
+            try:
+                size, spacing = mosaic_shape_and_spacing(ds)
+            except Exception as e:
+                self._reject(path, source, RejectedFile("corrupt", f"unreadable Siemens mosaic header: {e}"))
+                return
+            dim, frames, extra = 3, size[2], {"mosaic": True}
         desc = {
             "dim": dim,
             "size": size,
@@ -669,6 +620,7 @@ class _Indexer:
             "channels": _photometric_channels(ds),
             "dtype": _dicom_dtype(ds),
             "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+            **extra,
             **self._dicom_common(ds),
         }
         self.entries.append(self._entry(path, source, "dicom", modality, how, desc))

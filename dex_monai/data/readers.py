@@ -35,6 +35,8 @@ from monai.data import ITKReader, NibabelReader, NumpyReader, PILReader
 from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from dex_monai.data.checks import ImageDecodeError, RejectedFile, check_slice_positions, is_mosaic, slice_positions
+
 __all__ = [
     "STORED_DTYPE",
     "INTENSITY_RANGE",
@@ -44,8 +46,11 @@ __all__ = [
     "DICOM_UNITS",
     "PIL_FORMATS",
     "ImageDecodeError",
+    "IMAGE_SUFFIXES",
     "image_format",
+    "image_stem",
     "is_dicom_file",
+    "is_dicom_series_folder",
     "dicom_files_in",
     "read_dicom_header",
     "transfer_syntax_description",
@@ -59,6 +64,7 @@ __all__ = [
     "NumpyImageReader",
     "NpzStackReader",
     "medmnist_splits",
+    "mosaic_shape_and_spacing",
     "npz_array_info",
     "reader_for",
 ]
@@ -92,8 +98,8 @@ _SUFFIX_FORMAT = {
 }
 
 
-class ImageDecodeError(RuntimeError):
-    """A file could not be decoded; the message names the file and, for DICOM, the transfer syntax."""
+#: every file ending read as an image (DICOM files may also have no suffix at all)
+IMAGE_SUFFIXES = tuple(sorted({*_SUFFIX_FORMAT, *_DICOM_SUFFIXES}, key=len, reverse=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +135,27 @@ def image_format(path: str | os.PathLike) -> str | None:
         if name.endswith(suffix):
             return fmt
     return "dicom" if is_dicom_file(path) else None
+
+
+def image_stem(name: str | os.PathLike) -> str:
+    """A file name without its image suffix (``a.nii.gz`` -> ``a``; a suffix-less DICOM name is kept)."""
+    name = os.path.basename(os.fspath(name).rstrip("/\\"))
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_dicom_series_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding DICOM files directly (read as one series, see :class:`DicomSeriesReader`)."""
+    if not os.path.isdir(path) or os.path.basename(os.fspath(path).rstrip("/\\")).startswith("."):
+        return False
+    try:
+        entries = [e for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")]
+    except OSError:
+        return False
+    return any(is_dicom_file(e.path) for e in entries)
 
 
 def dicom_files_in(folder: str | os.PathLike) -> list[str]:
@@ -354,6 +381,23 @@ class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
             uid = self.series_uid
         return list(gen.GetFileNames(uid))
 
+    @staticmethod
+    def _check_series(name: str, files: list[str]) -> Any:
+        """Check the series from its headers before any pixel is read: no Siemens mosaics (each file a volume)
+        and, for several slices, evenly spaced positions along the slice normal (:func:`check_slice_positions`:
+        a missing or empty slice is a gap). Returns the first header."""
+        headers = [read_dicom_header(f) for f in files]
+        if is_mosaic(headers[0]):
+            if len(files) == 1:
+                raise RejectedFile("unsupported", "a Siemens mosaic; read it as a file (DicomFileReader)", name)
+            raise RejectedFile(
+                "unsupported", f"{len(files)} Siemens mosaic files (each one 3-D volume: a 4-D series); give the files",
+                name,
+            )
+        if len(headers) > 1 and all("ImagePositionPatient" in h and "ImageOrientationPatient" in h for h in headers):
+            check_slice_positions(slice_positions(headers), where=name)
+        return headers[0]
+
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any):
         import itk
 
@@ -361,7 +405,7 @@ class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
         for name in ensure_tuple(data):
             name = os.fspath(name)
             files = self._series_files(name) if os.path.isdir(name) else [name]
-            ds = read_dicom_header(files[0])
+            ds = self._check_series(name, files)
             self._headers.append(
                 {
                     DICOM_MODALITY: str(ds.get("Modality", "") or ""),
@@ -435,6 +479,8 @@ class DicomFileReader(ImageReader):
     def _to_array(self, path: str, ds: Any) -> tuple[np.ndarray, dict]:
         from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+        if is_mosaic(ds):
+            return _read_mosaic(path, ds)
         arr = decode_dicom_pixels(ds, path)
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -488,6 +534,50 @@ class DicomFileReader(ImageReader):
         if value_range is not None:
             meta[INTENSITY_RANGE] = value_range
         return arr, meta
+
+
+def _read_mosaic(path: str, ds: Any) -> tuple[np.ndarray, dict]:
+    """A Siemens mosaic as the 3-D volume it holds, through nibabel's DICOM wrappers (which know the CSA header).
+
+    nibabel gives ``[rows, columns, slices]`` with an LPS affine; the result is ``[X (columns), Y (rows), Z]`` with
+    the RAS affine, as the other DICOM readers give."""
+    from nibabel.nicom.dicomwrappers import wrapper_from_data
+
+    try:
+        wrapper = wrapper_from_data(ds)
+        volume = np.asarray(wrapper.get_data(), dtype=np.float32)
+        lps = np.asarray(wrapper.affine, dtype=np.float64)
+    except Exception as e:
+        raise ImageDecodeError(f"{path}: cannot unpack the Siemens mosaic: {type(e).__name__}: {e}") from e
+    volume = np.swapaxes(volume, 0, 1)
+    lps = lps[:, [1, 0, 2, 3]]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    meta: dict[str, Any] = {
+        MetaKeys.ORIGINAL_AFFINE: affine,
+        MetaKeys.AFFINE: affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(volume.shape),
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+        "spacing": spacing,
+        DICOM_MODALITY: str(ds.get("Modality", "") or ""),
+        "photometric_interpretation": str(ds.get("PhotometricInterpretation", "") or ""),
+        "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", "")),
+        "mosaic": True,
+        DICOM_UNITS: str(ds.get("Units", "") or ""),
+        STORED_DTYPE: "float32",
+    }
+    return volume, meta
+
+
+def mosaic_shape_and_spacing(ds: Any) -> tuple[list[int], list[float]]:
+    """``([X, Y, Z], [sx, sy, sz])`` of the volume in a Siemens mosaic, from its headers (no pixels)."""
+    from nibabel.nicom.dicomwrappers import wrapper_from_data
+
+    wrapper = wrapper_from_data(ds)
+    rows, cols, slices = (int(v) for v in wrapper.image_shape)
+    row_mm, col_mm, slice_mm = (float(v) for v in wrapper.voxel_sizes)
+    return [cols, rows, slices], [col_mm, row_mm, slice_mm]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,4 +729,4 @@ def reader_for(
         return NumpyImageReader()
     if fmt == "npz":
         return NpzStackReader(key=npz_key, index=npz_index)
-    raise ImageDecodeError(f"{path}: unsupported file type '{Path(path).suffix or Path(path).name}'.")
+    raise RejectedFile("unsupported", f"'{Path(path).suffix or Path(path).name}' is not a supported image format", path)

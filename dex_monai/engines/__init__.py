@@ -28,6 +28,12 @@ from dex_monai.engines.handlers import (
     plot_usage,
     usage_to_json,
 )
+from dex_monai.engines.inference import (
+    FailureReportHandler,
+    InferenceProgressHandler,
+    TolerantEvaluator,
+    exit_on_failures,
+)
 from dex_monai.engines.pretrain import DEXPretrainTrainer, PretrainKeys, output_scalars
 from dex_monai.engines.schedules import (
     cosine_schedule,

@@ -5,12 +5,10 @@ Helpers of the DEX fine-tuning bundles (``bundles/dex_seg3d``, ``bundles/dex_seg
 
 - initialisation of a downstream network from a DEX pre-training checkpoint, a dense ViT/MAE checkpoint or nothing
   (:func:`initialise_network`), with the input layer adapted when only its channels / dimensionality differ;
-- datalists: paired image/label folders or decathlon JSON (:func:`segmentation_datalist`), class folders or JSON
-  (:func:`classification_datalist`), inference inputs (:func:`inference_datalist`), and a guard that no prediction
-  can overwrite an input (:func:`check_output_paths`);
+- the datalists and output planning live in :mod:`dex_monai.data.datalist` (re-exported here for older configs);
 - dictionary transforms used by the bundle configs (:class:`NormalizeModalityd`, :class:`EnsureChannelsd`,
-  :class:`SqueezeSpatiald`, :class:`PrepareLabeld`, :class:`RestoreSpatialShaped`) and a writer choosing PNG or
-  NIfTI per input (:class:`SavePredictiond`);
+  :class:`SqueezeSpatiald`, :class:`PrepareLabeld`, :class:`RestoreSpatialShaped`) and a writer of predictions to
+  their planned paths (:class:`SavePredictiond`);
 - engine plumbing that keeps ``MetaTensor`` metadata away from the network (:func:`prepare_tensor_batch` for
   trainers, :class:`TensorInferer` for evaluators);
 - ignite handlers: prediction overlays as PNG for MLflow (:class:`PredictionOverlayHandler`), a per-class report for
@@ -21,11 +19,9 @@ Helpers of the DEX fine-tuning bundles (``bundles/dex_seg3d``, ``bundles/dex_seg
 from __future__ import annotations
 
 import csv
-import fnmatch
 import json
 import logging
 import os
-import random
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +36,16 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from monai.utils import IgniteInfo, convert_to_dst_type, min_version, optional_import
 
+from dex_monai.data.datalist import (
+    OUTPUT_PATH_KEY,
+    classification_datalist,
+    inference_datalist,
+    plan_outputs,
+    prediction_ext,
+    segmentation_datalist,
+    split_items,
+)
+from dex_monai.data.readers import image_stem
 from dex_monai.engines.checkpoint import find_latest_checkpoint
 from dex_monai.engines.handlers import add_tracking_artifact, add_tracking_metrics
 from dex_monai.engines.utils import is_dist, is_rank0, unwrap_network
@@ -52,7 +58,6 @@ else:
 
 __all__ = [
     "INIT_MODES",
-    "IMAGE_EXTENSIONS",
     "ClassProbabilityWriter",
     "ClassificationReportHandler",
     "EnsureChannelsd",
@@ -64,12 +69,11 @@ __all__ = [
     "SqueezeSpatiald",
     "TensorInferer",
     "adapt_input_weights",
-    "check_output_paths",
     "classification_datalist",
     "draw_overlays",
     "inference_datalist",
     "initialise_network",
-    "planned_output_path",
+    "plan_outputs",
     "prediction_ext",
     "prepare_tensor_batch",
     "resolve_checkpoint",
@@ -84,28 +88,7 @@ logger = logging.getLogger(__name__)
 #: how a downstream network is initialised
 INIT_MODES = ("scratch", "dex", "dense")
 
-#: file endings read as images (``.dcm`` files; folders of DICOM files are series when ``dicom_series``)
-IMAGE_EXTENSIONS = (
-    ".nii.gz",
-    ".nii",
-    ".mha",
-    ".mhd",
-    ".nrrd",
-    ".dcm",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".npy",
-)
-
-#: names never taken as images: masks stored next to images (e.g. BUSI ``benign (1)_mask.png``)
-DEFAULT_EXCLUDE = ("*_mask.*", "*_mask_*.*")
-
 _PATCH_EMBED_SUFFIXES = ("patch_embedding.patch_embeddings.weight", "patch_embed.proj.weight")
-
 
 # ----------------------------------------------------------------------------------------------
 # initialisation
@@ -134,7 +117,6 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path | None:
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist.")
     return path
 
-
 def _encoder_of(network: torch.nn.Module) -> torch.nn.Module:
     net = unwrap_network(network)
     for name in ("vit", "encoder"):
@@ -144,7 +126,6 @@ def _encoder_of(network: torch.nn.Module) -> torch.nn.Module:
     if hasattr(net, "patch_embedding"):
         return net
     raise TypeError(f"{type(net).__name__} has no DEX encoder (expected a `vit` or `encoder` attribute).")
-
 
 def adapt_input_weights(weight: torch.Tensor, target_shape: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
     """
@@ -184,10 +165,8 @@ def adapt_input_weights(weight: torch.Tensor, target_shape: Sequence[int]) -> tu
         notes.append(f"kernel resampled {tuple(weight.shape[2:])} -> {target_shape[2:]}")
     return w.to(weight.dtype), notes
 
-
 def _is_dex_state(state: Mapping[str, torch.Tensor]) -> bool:
     return any(".dex." in k or ".DEX." in k for k in state)
-
 
 def initialise_network(
     network: torch.nn.Module,
@@ -266,348 +245,10 @@ def initialise_network(
     )
     return report
 
-
-# ----------------------------------------------------------------------------------------------
-# datalists
-# ----------------------------------------------------------------------------------------------
-def _stem(name: str) -> str:
-    lower = name.lower()
-    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
-
-
-def _is_image_file(path: Path, extensions: Sequence[str]) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(tuple(extensions))
-
-
-def _is_dicom_series(path: Path) -> bool:
-    if not path.is_dir() or path.name.startswith("."):
-        return False
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix.lower() in (".dcm", "") for p in files) and any(
-        p.suffix.lower() == ".dcm" for p in files
-    )
-
-
-def _excluded(name: str, exclude: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatch(name.lower(), pattern.lower()) for pattern in exclude)
-
-
-def _list_images(
-    folder: Path,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    recursive: bool = False,
-    dicom_series: bool = False,
-    skip: Sequence[Path] = (),
-) -> list[Path]:
-    """Image files (and DICOM series folders when ``dicom_series``) under ``folder``, sorted."""
-    skip = [Path(s).resolve() for s in skip]
-    found: list[Path] = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or any(entry.resolve() == s for s in skip):
-            continue
-        if dicom_series and _is_dicom_series(entry):
-            found.append(entry)
-        elif entry.is_dir() and recursive:
-            found += _list_images(entry, extensions, exclude, recursive, dicom_series, skip)
-        elif _is_image_file(entry, extensions) and not _excluded(entry.name, exclude):
-            if dicom_series and entry.suffix.lower() == ".dcm":
-                continue  # single slices of a volume folder are read through their series
-            found.append(entry)
-    return found
-
-
-def split_items(
-    items: Sequence[Any], split: str = "training", val_fraction: float = 0.2, seed: int = 0, key: Any = None
-) -> list[Any]:
-    """
-    Deterministic training / validation split: items are shuffled with ``seed`` (within each group of ``key(item)``
-    when given, i.e. stratified) and ``round(val_fraction * n)`` of each group (at least one when the group has two
-    or more items and ``val_fraction > 0``) go to validation. ``split`` is ``"training"``, ``"validation"`` or
-    ``"all"``. Both lists keep the input order.
-    """
-    if split == "all":
-        return list(items)
-    if split not in ("training", "validation"):
-        raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}.")
-    groups: dict[Any, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item) if key is not None else None, []).append(i)
-    rng = random.Random(seed)
-    val: set[int] = set()
-    for name in sorted(groups, key=str):
-        idx = list(groups[name])
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        if val_fraction > 0 and n_val == 0 and len(idx) > 1:
-            n_val = 1
-        val.update(idx[:n_val])
-    chosen = [i for i in range(len(items)) if (i in val) == (split == "validation")]
-    return [items[i] for i in chosen]
-
-
-def _read_json_list(datalist: str | os.PathLike, key: str, base_dir: str | os.PathLike | None) -> list[dict] | None:
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist.")
-    content = json.loads(path.read_text())
-    if key not in content:
-        return None
-    base = Path(base_dir) if base_dir not in (None, "") else path.parent
-    items = []
-    for item in content[key]:
-        item = {"image": item} if isinstance(item, str) else dict(item)
-        for k in ("image", "label"):
-            value = item.get(k)
-            if isinstance(value, str) and not os.path.isabs(value) and (k == "image" or _stem(value) != value):
-                item[k] = os.path.normpath(os.path.join(base, value))
-        items.append(item)
-    return items
-
-
-def _cap(items: list, max_items: int | None) -> list:
-    return items if max_items in (None, "", 0) else items[: int(max_items)]
-
-
-def segmentation_datalist(
-    dataset_dir: str | os.PathLike | None = None,
-    datalist: str | os.PathLike | None = None,
-    split: str = "training",
-    image_dir: str = "imagesTr",
-    label_dir: str = "labelsTr",
-    label_suffix: str = "",
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    dicom_series: bool = False,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    max_items: int | None = None,
-    train_key: str = "training",
-    val_key: str = "validation",
-) -> list[dict]:
-    """
-    ``[{"image": path, "label": path}, ...]`` of one split of a segmentation data set.
-
-    Either a decathlon-style ``datalist`` JSON (``{"training": [...], "validation": [...]}``, relative paths against
-    ``dataset_dir`` or the JSON's folder; without a validation list the training list is split), or the folders
-    ``<dataset_dir>/<image_dir>`` and ``<dataset_dir>/<label_dir>`` (the MSD layout ``imagesTr``/``labelsTr``, or
-    e.g. ``image``/``label``) whose files are paired by name: the label has the image's file name, or its stem
-    followed by ``label_suffix`` and any image extension. Images without a label are left out with a warning.
-
-    Args:
-        split: ``"training"``, ``"validation"`` or ``"all"``.
-        dicom_series: take sub-folders of DICOM files in ``image_dir`` as one (3D) image each.
-        val_fraction, seed: the split (:func:`split_items`).
-        max_items: keep the first ``max_items`` of the split (quick runs).
-    """
-    if datalist not in (None, "", "None", "none"):
-        train = _read_json_list(datalist, train_key, dataset_dir) or []
-        val = _read_json_list(datalist, val_key, dataset_dir)
-        if val is not None:
-            items = {"training": train, "validation": val, "all": train + val}[split]
-        else:
-            items = split_items(train, split, val_fraction, seed)
-        return _cap(items, max_items)
-    if dataset_dir in (None, ""):
-        raise ValueError("either `datalist` or `dataset_dir` must be given.")
-    root = Path(dataset_dir)
-    images_root, labels_root = root / image_dir, root / label_dir
-    for folder in (images_root, labels_root):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"segmentation data folder {folder} does not exist.")
-    labels = {}
-    for path in _list_images(labels_root, extensions, exclude=(), dicom_series=dicom_series):
-        labels.setdefault(path.name, path)
-        labels.setdefault(_stem(path.name), path)
-    items, unpaired = [], []
-    for image in _list_images(images_root, extensions, exclude=(), dicom_series=dicom_series):
-        stem = _stem(image.name)
-        label = labels.get(image.name) or labels.get(stem + label_suffix)
-        if label is None:
-            unpaired.append(image.name)
-            continue
-        items.append({"image": str(image), "label": str(label)})
-    if unpaired:
-        logger.warning(f"{len(unpaired)} images in {images_root} have no label and are left out: {unpaired[:5]}")
-    if not items:
-        raise ValueError(f"no image/label pairs found in {images_root} and {labels_root}.")
-    return _cap(split_items(items, split, val_fraction, seed), max_items)
-
-
-def classification_datalist(
-    dataset_dir: str | os.PathLike | None = None,
-    datalist: str | os.PathLike | None = None,
-    split: str = "training",
-    class_names: Sequence[str] | None = None,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    max_items: int | None = None,
-    max_per_class: int | None = None,
-    train_key: str = "training",
-    val_key: str = "validation",
-) -> list[dict]:
-    """
-    ``[{"image": path, "label": class_index}, ...]`` of one split of a classification data set.
-
-    Either a ``datalist`` JSON whose items have ``image`` and ``label`` (an index or a class name), or class folders
-    ``<dataset_dir>/<class>/<images>`` (BUSI layout), searched recursively; files matching ``exclude`` (segmentation
-    masks such as ``*_mask.png``) are skipped. Class indices follow ``class_names`` (default: sorted folder names).
-    The split is stratified by class.
-
-    Args:
-        max_per_class: keep at most this many images of each class before splitting (quick runs).
-    """
-    if datalist not in (None, "", "None", "none"):
-        train = _read_json_list(datalist, train_key, dataset_dir) or []
-        val = _read_json_list(datalist, val_key, dataset_dir)
-        names = list(class_names) if class_names else None
-        for item in train + (val or []):
-            if isinstance(item.get("label"), str):
-                if not names or item["label"] not in names:
-                    raise ValueError(f"label {item['label']!r} of {item['image']} is not one of class_names={names}.")
-                item["label"] = names.index(item["label"])
-            item["label"] = int(item["label"])
-        if val is not None:
-            items = {"training": train, "validation": val, "all": train + val}[split]
-        else:
-            items = split_items(train, split, val_fraction, seed, key=lambda x: x["label"])
-        return _cap(items, max_items)
-    if dataset_dir in (None, ""):
-        raise ValueError("either `datalist` or `dataset_dir` must be given.")
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"classification data folder {root} does not exist.")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    names = list(class_names) if class_names else folders
-    missing = [n for n in names if n not in folders]
-    if missing:
-        raise FileNotFoundError(f"class folders {missing} not found in {root} (found {folders}).")
-    items = []
-    for index, name in enumerate(names):
-        files = _list_images(root / name, extensions, exclude, recursive=True)
-        if not files:
-            raise ValueError(f"class folder {root / name} holds no images.")
-        if max_per_class not in (None, "", 0):
-            files = files[: int(max_per_class)]
-        items += [{"image": str(f), "label": index} for f in files]
-    return _cap(split_items(items, split, val_fraction, seed, key=lambda x: x["label"]), max_items)
-
-
-def inference_datalist(
-    input_dir: str | os.PathLike | None = None,
-    datalist: str | os.PathLike | None = None,
-    files: Sequence[str] | None = None,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    recursive: bool = True,
-    dicom_series: bool = False,
-    output_dir: str | os.PathLike | None = None,
-    data_list_key: str = "testing",
-) -> list[dict]:
-    """
-    ``[{"image": path}, ...]`` to predict: explicit ``files``; a JSON datalist (its ``data_list_key`` list, or
-    ``training`` when absent); or every image under ``input_dir`` (recursively, DICOM series folders as one volume
-    when ``dicom_series``), leaving out ``output_dir`` when it lies inside ``input_dir``.
-    """
-    if files:
-        items = [{"image": os.fspath(f)} for f in files]
-    elif datalist not in (None, "", "None", "none"):
-        items = _read_json_list(datalist, data_list_key, input_dir) or _read_json_list(datalist, "training", input_dir)
-        items = [{"image": item["image"]} for item in items or []]
-    elif input_dir not in (None, ""):
-        root = Path(input_dir)
-        if dicom_series and _is_dicom_series(root):
-            paths = [root]
-        elif root.is_file():
-            paths = [root]
-        elif root.is_dir():
-            paths = _list_images(root, extensions, exclude, recursive, dicom_series, skip=[output_dir] if output_dir else [])
-        else:
-            raise FileNotFoundError(f"inference input {root} does not exist.")
-        items = [{"image": str(p)} for p in paths]
-    else:
-        raise ValueError("give `input_dir`, `datalist` or `files` to run inference on.")
-    if not items:
-        raise ValueError(f"no images to run inference on in {input_dir or datalist}.")
-    return items
-
-
-_PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def prediction_ext(image: str | os.PathLike, output_ext: str = "auto") -> str:
-    """The file ending of a prediction: ``output_ext``, or with ``"auto"`` ``.png`` for picture inputs (PNG, JPEG,
-    BMP, TIFF) and ``.nii.gz`` for everything else (NIfTI, DICOM, MetaImage...), which keeps the input's geometry."""
-    if output_ext not in (None, "", "auto"):
-        return output_ext if output_ext.startswith(".") else "." + output_ext
-    return ".png" if os.fspath(image).lower().endswith(_PICTURE_EXTENSIONS) else ".nii.gz"
-
-
-def planned_output_path(
-    image: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    output_postfix: str,
-    output_ext: str,
-    data_root_dir: str | os.PathLike = "",
-    separate_folder: bool = False,
-) -> Path:
-    """Where MONAI ``SaveImage`` writes the prediction of ``image`` (``monai.data.utils.create_file_basename``)."""
-    from monai.data.utils import create_file_basename
-
-    output_ext = prediction_ext(image, output_ext)
-    base = create_file_basename(
-        postfix=output_postfix,
-        input_file_name=os.fspath(image),
-        folder_path=os.fspath(output_dir),
-        data_root_dir=os.fspath(data_root_dir),
-        separate_folder=separate_folder,
-    )
-    return Path(base + output_ext)
-
-
-def check_output_paths(
-    items: Sequence[Mapping],
-    output_dir: str | os.PathLike,
-    output_postfix: str = "seg",
-    output_ext: str = ".nii.gz",
-    data_root_dir: str | os.PathLike = "",
-    separate_folder: bool = False,
-    image_key: str = "image",
-) -> list[Path]:
-    """
-    Check that no prediction would overwrite an input: each planned output must differ from every input file and lie
-    outside every input DICOM series folder, and two inputs must not share an output. Returns the planned paths.
-
-    Raises:
-        ValueError: naming the input and the output that collide.
-    """
-    inputs = {Path(os.fspath(item[image_key])).resolve(): item[image_key] for item in items}
-    planned: dict[Path, str] = {}
-    for item in items:
-        image = item[image_key]
-        out = planned_output_path(image, output_dir, output_postfix, output_ext, data_root_dir, separate_folder)
-        resolved = out.resolve()
-        if resolved in inputs:
-            raise ValueError(f"the prediction of {image} would overwrite the input {inputs[resolved]}; change "
-                             "`output_dir` or `output_postfix`.")
-        for source in inputs:
-            if source.is_dir() and source in resolved.parents:
-                raise ValueError(f"the prediction {out} would be written inside the input series folder {source}.")
-        if resolved in planned:
-            raise ValueError(f"{image} and {planned[resolved]} would both be written to {out} (same name): rename one or keep them in different sub-folders of `data_root_dir`.")
-        planned[resolved] = image
-    return list(planned)
-
-
 # ----------------------------------------------------------------------------------------------
 # transforms
 # ----------------------------------------------------------------------------------------------
 _PLAIN_METHODS = ("range", "minmax", "none")
-
 
 class NormalizeModalityd(MapTransform):
     """
@@ -666,7 +307,6 @@ class NormalizeModalityd(MapTransform):
             d[key] = img
         return d
 
-
 class EnsureChannelsd(MapTransform):
     """
     Give a channel-first image exactly ``channels`` channels: an alpha channel (4 -> 3) is dropped, grey images are
@@ -697,7 +337,6 @@ class EnsureChannelsd(MapTransform):
             d[key] = img
         return d
 
-
 class SqueezeSpatiald(MapTransform):
     """
     Drop singleton spatial axes beyond ``spatial_dims`` (a 2D slice read as ``[C, H, W, 1]`` from NIfTI or DICOM
@@ -723,7 +362,6 @@ class SqueezeSpatiald(MapTransform):
                 raise ValueError(f"{name}: spatial shape {tuple(img.shape[1:])} is not {self.spatial_dims}D.")
             d[key] = img
         return d
-
 
 class PrepareLabeld(MapTransform):
     """
@@ -753,7 +391,6 @@ class PrepareLabeld(MapTransform):
             d[key] = label
         return d
 
-
 def restore_spatial_shape(pred: Any, ref_meta: Mapping) -> Any:
     """
     ``pred [C, *spatial]`` reshaped to the spatial shape the input had on disk (``ref_meta["spatial_shape"]``) when
@@ -772,7 +409,6 @@ def restore_spatial_shape(pred: Any, ref_meta: Mapping) -> Any:
         pred.affine = torch.as_tensor(np.asarray(ref_meta["original_affine"]), dtype=torch.float64)
     return pred
 
-
 class RestoreSpatialShaped(MapTransform):
     """Dictionary transform applying :func:`restore_spatial_shape` with the metadata of ``ref_key``."""
 
@@ -788,17 +424,19 @@ class RestoreSpatialShaped(MapTransform):
             d[key] = restore_spatial_shape(d[key], meta)
         return d
 
-
 class SavePredictiond(MapTransform):
     """
-    Write label maps choosing the file format per input (see :func:`prediction_ext`): with ``output_ext="auto"`` a
-    PNG / JPEG input gets a PNG prediction of the same size (MONAI ``SaveImage``), a NIfTI / DICOM input a NIfTI
-    prediction with the input's shape and affine (written with nibabel, so that a slice stored as ``[H, W, 1]`` keeps
-    its singleton axis and 4x4 affine, see :func:`restore_spatial_shape`); other endings go through ``SaveImage``.
-    Outputs go to ``output_dir`` (keeping sub-folders below ``data_root_dir``), named
-    ``<input name>_<output_postfix>.<ext>``, the same paths :func:`check_output_paths` checks; an empty postfix is
-    refused so that no input can be overwritten. With ``argmax`` a multi-channel prediction (one-hot or
-    probabilities) is written as its label map. The item itself is left unchanged.
+    Write label maps, each to the path planned for its input (``item["output_path"]``, see
+    :func:`dex_monai.data.datalist.plan_outputs`: always under the output folder, never beside an input), in the
+    format its ending names (:func:`~dex_monai.data.datalist.prediction_ext`: with ``"auto"`` a PNG / JPEG input gets
+    a PNG prediction of the same size, anything else NIfTI). NIfTI is written with nibabel and the input's shape and
+    affine (a slice stored as ``[H, W, 1]`` keeps its singleton axis and 4x4 affine, see
+    :func:`restore_spatial_shape`); other endings through MONAI's writer for that ending.
+
+    Items without a planned path (e.g. the evaluation of a training datalist) are written flat into ``output_dir`` as
+    ``<input name>_<output_postfix><ext>``; a name written twice in one run, or one that is an input, is refused.
+    With ``argmax`` a multi-channel prediction (one-hot or probabilities) is written as its label map. The item
+    itself is left unchanged.
     """
 
     def __init__(
@@ -808,23 +446,28 @@ class SavePredictiond(MapTransform):
         output_postfix: str = "seg",
         output_ext: str = "auto",
         output_dtype: Any = np.uint8,
-        data_root_dir: str | os.PathLike = "",
-        separate_folder: bool = False,
         ref_key: str = "image",
         argmax: bool = False,
+        output_path_key: str = OUTPUT_PATH_KEY,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not output_postfix:
             raise ValueError("output_postfix must not be empty (predictions must never replace their inputs).")
-        self.output_dir = os.fspath(output_dir)
+        self.output_dir = Path(os.path.abspath(os.fspath(output_dir)))
         self.output_postfix = output_postfix
         self.output_ext = output_ext
         self.output_dtype = output_dtype
-        self.data_root_dir = os.fspath(data_root_dir)
-        self.separate_folder = separate_folder
         self.ref_key = ref_key
         self.argmax = argmax
+        self.output_path_key = output_path_key
+        self._written: set[Path] = set()
+
+    def _fallback_path(self, name: str) -> Path:
+        path = self.output_dir / f"{image_stem(name)}_{self.output_postfix}{prediction_ext(name, self.output_ext)}"
+        if path in self._written or (name and path == Path(os.path.abspath(name))):
+            raise ValueError(f"{name}: its prediction {path} would overwrite another output or an input.")
+        return path
 
     def _write_nifti(self, pred: torch.Tensor, affine: Any, meta: Mapping, path: Path) -> None:
         import nibabel as nib
@@ -837,12 +480,20 @@ class SavePredictiond(MapTransform):
         if str(meta.get("space", "RAS")).upper() == "LPS":
             affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
         array = pred[0].detach().cpu().numpy().astype(self.output_dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(array, affine), str(path))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.transforms import SaveImage
+    def _write_other(self, pred: torch.Tensor, affine: Any, path: Path) -> None:
+        from monai.data.image_writer import resolve_writer
 
+        writer = resolve_writer(path.name.split(".", 1)[-1])[0](output_dtype=self.output_dtype)
+        writer.set_data_array(pred, channel_dim=0, squeeze_end_dims=True)
+        write_meta = {"spatial_shape": tuple(pred.shape[1:])}
+        if affine is not None:
+            write_meta["affine"] = affine
+        writer.set_metadata(write_meta, resample=False)
+        writer.write(str(path), verbose=False)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         ref = d.get(self.ref_key)
         for key in self.key_iterator(d):
@@ -858,31 +509,15 @@ class SavePredictiond(MapTransform):
             if pred.shape[0] != 1:
                 raise ValueError(f"SavePredictiond writes label maps [1, *spatial], got {tuple(pred.shape)}; set argmax.")
             name = str(meta.get("filename_or_obj", ""))
-            ext = prediction_ext(name, self.output_ext)
-            path = planned_output_path(
-                name, self.output_dir, self.output_postfix, ext, self.data_root_dir, self.separate_folder
-            )
-            if ext in (".nii", ".nii.gz"):
+            planned = d.get(self.output_path_key)
+            path = Path(planned) if planned else self._fallback_path(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.name.lower().endswith((".nii", ".nii.gz")):
                 self._write_nifti(pred, affine, meta, path)
-                continue
-            # a new SaveImage per image: it keeps its channel-axis guess of one call for the next ones
-            saver = SaveImage(
-                output_dir=self.output_dir,
-                output_postfix=self.output_postfix,
-                output_ext=ext,
-                output_dtype=self.output_dtype,
-                data_root_dir=self.data_root_dir,
-                separate_folder=self.separate_folder,
-                resample=False,
-                squeeze_end_dims=True,
-                print_log=False,
-            )
-            write_meta = {"filename_or_obj": name, "spatial_shape": tuple(pred.shape[1:])}
-            if affine is not None:
-                write_meta["affine"] = affine
-            saver(pred, meta_data=write_meta)
+            else:
+                self._write_other(pred, affine, path)
+            self._written.add(path)
         return d
-
 
 def prepare_tensor_batch(batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
     """
@@ -899,7 +534,6 @@ def prepare_tensor_batch(batchdata: Any, device: Any = None, non_blocking: bool 
         return x.as_tensor() if isinstance(x, MetaTensor) else x
 
     return tuple(plain(x) for x in prepared) if isinstance(prepared, tuple) else plain(prepared)
-
 
 class TensorInferer(Inferer):
     """
@@ -928,7 +562,6 @@ class TensorInferer(Inferer):
             raise AttributeError(name)
         return getattr(self.inferer, name)
 
-
 def stack_pred_label(output: Any, num_classes: int | None = None, pred_key: str = "pred", label_key: str = "label"):
     """
     ``(pred [B, C], label)`` from an engine output (a decollated list of dicts or a batch dict), for classification
@@ -945,7 +578,6 @@ def stack_pred_label(output: Any, num_classes: int | None = None, pred_key: str 
     if num_classes:
         label = F.one_hot(label, int(num_classes)).to(pred.dtype)
     return pred, label
-
 
 # ----------------------------------------------------------------------------------------------
 # handlers
@@ -964,14 +596,12 @@ def _items(output: Any) -> list[Mapping]:
         return [o for o in output if isinstance(o, Mapping)]
     return []
 
-
 def _index_map(x: torch.Tensor | None) -> np.ndarray | None:
     """``[C, *spatial]`` one-hot / probabilities or ``[1, *spatial]`` indices -> ``[*spatial]`` class indices."""
     if x is None:
         return None
     x = torch.as_tensor(x).detach().float().cpu()
     return (x.argmax(0) if x.shape[0] > 1 else x[0]).numpy()
-
 
 def _resize_nearest(index_map: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
     """``index_map`` on a grid of ``shape``: reshaped when only singleton axes differ, else nearest-resampled."""
@@ -984,7 +614,6 @@ def _resize_nearest(index_map: np.ndarray, shape: Sequence[int]) -> np.ndarray |
         return None
     x = torch.as_tensor(np.asarray(index_map, dtype=np.float32))
     return F.interpolate(x[None, None], size=spatial, mode="nearest")[0, 0].numpy()
-
 
 class PredictionOverlayHandler:
     """
@@ -1064,7 +693,6 @@ class PredictionOverlayHandler:
         self.last_path = path
         add_tracking_artifact(engine, path, self.artifact_dir)
 
-
 def _display_slice(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None):
     """2D views ``(image [H, W] or [H, W, 3], label, pred)``; volumes cut at the slice with most foreground."""
     spatial = image.shape[1:]
@@ -1082,7 +710,6 @@ def _display_slice(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray
     # array axes (x, y) of MONAI-loaded images are shown transposed so that rows are y
     tr = (lambda a: None if a is None else np.swapaxes(a, 0, 1))
     return tr(view), tr(label), tr(pred)
-
 
 def draw_overlays(
     samples: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]],
@@ -1115,14 +742,12 @@ def draw_overlays(
     fig.savefig(str(path), dpi=80)
     return path
 
-
 def _gather(values: list) -> list:
     if not is_dist():
         return values
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, values)
     return [v for part in gathered for v in (part or [])]
-
 
 class ClassificationReportHandler:
     """
@@ -1221,7 +846,6 @@ class ClassificationReportHandler:
         for path in (json_path, text_path):
             add_tracking_artifact(engine, path, self.artifact_dir)
         self.logger.info(f"{self.prefix} per-class report, epoch {epoch}:\n{report['text']}")
-
 
 class ClassProbabilityWriter:
     """

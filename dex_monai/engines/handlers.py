@@ -566,6 +566,26 @@ class DEXMLFlowHandler(MLFlowHandler):
         self._config = config
         self._parser = find_bundle_parser() if (log_config and config is None) else None
 
+    def attach(self, engine: Engine) -> None:
+        # before MONAI's close at COMPLETED: a run with failed inputs ends FAILED; an exception ends it FAILED too
+        engine.add_event_handler(Events.COMPLETED, self._set_finish_status)
+        super().attach(engine)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def _set_finish_status(self, engine: Engine) -> None:
+        failed = bool(getattr(engine.state, "failures", None))
+        self.run_finish_status = "FAILED" if failed else "FINISHED"
+        if failed and self.cur_run is not None:
+            self.client.set_tag(self.run_id, "failed_inputs", str(len(engine.state.failures)))
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        """End the MLflow run as FAILED (it would stay RUNNING), then let the exception go on."""
+        if self.cur_run is not None:
+            self.run_finish_status = "FAILED"
+            self.client.set_tag(self.run_id, "error", f"{type(e).__name__}: {e}"[:4000])
+            self.close()
+        raise e
+
     # run id of the active run, for other components that want to log into it
     @property
     def run_id(self) -> str | None:

@@ -11,6 +11,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 
+from dex_monai.data.checks import RejectedFile, check_pixels, check_spatial_dims, classify_error
 from dex_monai.data.readers import (
     DISPLAY_REFERRED,
     INTENSITY_RANGE,
@@ -35,11 +36,23 @@ class LoadMultiModalImage(Transform):
     and ``display_referred`` (values are display grey levels: Pillow formats, 8-bit NPY/NPZ such as
     MedMNIST, 8-bit single DICOM objects).
 
-    Errors name the file (and, for DICOM, the transfer syntax); nothing is silently skipped.
+    With ``check`` (default) what cannot be used is refused with a
+    :class:`~dex_monai.data.checks.RejectedFile` naming the file and the reason
+    (:mod:`dex_monai.data.checks`): unreadable or truncated files, DICOM series with a gap or uneven slice spacing,
+    more than three spatial dimensions (4-D NIfTI), no pixels, NaN/Inf values, and, unless ``constant_ok`` (label
+    maps may be all background), constant images. Any other reader error is classified the same way, so every
+    failure names the file; nothing is silently skipped.
+
+    Args:
+        dtype: data type of the output.
+        check: run the checks above.
+        constant_ok: accept constant images (label maps).
     """
 
-    def __init__(self, dtype: Any = np.float32) -> None:
+    def __init__(self, dtype: Any = np.float32, check: bool = True, constant_ok: bool = False) -> None:
         self._loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=dtype)
+        self.check = check
+        self.constant_ok = constant_ok
 
     def __call__(
         self,
@@ -49,9 +62,23 @@ class LoadMultiModalImage(Transform):
         npz_index: int | None = None,
     ) -> MetaTensor:
         fmt = image_format(filename)
-        reader = reader_for(filename, series_uid=series_uid, npz_key=npz_key, npz_index=npz_index)
-        img = self._loader(filename, reader=reader)
+        path = os.fspath(filename)
+        if fmt not in ("dicom-series", None) and os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise RejectedFile("empty", "0 bytes", path)
+        try:
+            reader = reader_for(filename, series_uid=series_uid, npz_key=npz_key, npz_index=npz_index)
+            img = self._loader(filename, reader=reader)
+        except RejectedFile as e:
+            raise e.with_path(path)
+        except Exception as e:  # readers raise anything from EOFError to zlib errors: name the file and the reason
+            raise classify_error(e, path) from e
         meta = img.meta
+        if self.check:
+            dims = np.asarray(meta.get("dim", [])).ravel()
+            if fmt == "nifti" and dims.size > 4 and int(dims[0]) > 3:
+                check_spatial_dims([int(v) for v in dims[1 : int(dims[0]) + 1]], path)
+            check_spatial_dims(img.shape[1:], path)
+            check_pixels(img, path, constant_ok=self.constant_ok)
         meta[SOURCE_FORMAT] = fmt
         stored = meta.get(STORED_DTYPE, "")
         # display grey levels: Pillow formats, and 8-bit arrays / single DICOM objects (MedMNIST, secondary
@@ -65,7 +92,9 @@ class LoadMultiModalImage(Transform):
 
 
 class LoadMultiModalImaged(MapTransform):
-    """Dictionary version of :class:`LoadMultiModalImage`.
+    """Dictionary version of :class:`LoadMultiModalImage` (the loading transform of every bundle).
+
+    Label maps are loaded with a second instance with ``constant_ok=True`` (an all-background mask is valid).
 
     The item gives the path in ``key``; optional item entries choose inside the file:
     ``series_uid`` (a DICOM series of a folder), ``npz_key`` and ``npz_index`` (one image of a
@@ -79,10 +108,12 @@ class LoadMultiModalImaged(MapTransform):
         npz_key_key: str = "npz_key",
         npz_index_key: str = "npz_index",
         dtype: Any = np.float32,
+        check: bool = True,
+        constant_ok: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadMultiModalImage(dtype=dtype)
+        self.loader = LoadMultiModalImage(dtype=dtype, check=check, constant_ok=constant_ok)
         self.series_uid_key = series_uid_key
         self.npz_key_key = npz_key_key
         self.npz_index_key = npz_index_key
