@@ -20,8 +20,10 @@ def bundle_args(overrides: dict) -> list[str]:
     return args
 
 
-def run_bundle(configs: list[str], overrides: dict, configs_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` from the repository root with the bundle's metadata and logging config."""
+def run_bundle(configs: list[str], overrides: dict, configs_dir: Path, timeout: int = 600,
+               expect_exit: int = 0) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` from the repository root with the bundle's metadata and logging config; the
+    exit status must be ``expect_exit``."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -31,7 +33,7 @@ def run_bundle(configs: list[str], overrides: dict, configs_dir: Path, timeout: 
            "--meta_file", str(configs_dir / "metadata.json"), "--logging_file", str(configs_dir / "logging.conf")]
     proc = subprocess.run(cmd + bundle_args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == expect_exit, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -82,3 +84,16 @@ def export_and_compare(root: Path, configs_dir: Path, overrides: dict, input_sha
     x = torch.rand(batch, *input_shape[1:])
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net(x), atol=tolerance, rtol=tolerance)
+
+
+def read_failures(output_dir: Path) -> dict[str, tuple[str, str]]:
+    """``{file name: (stage, reason)}`` of ``<output_dir>/failed.csv``."""
+    import csv
+
+    with open(output_dir / "failed.csv", newline="") as f:
+        return {Path(r["path"]).name: (r["stage"], r["reason"]) for r in csv.DictReader(f)}
+
+
+def files_under(folder: Path) -> set[str]:
+    """Every file under ``folder``, relative."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}

@@ -11,7 +11,6 @@ and a traced TorchScript export.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -44,8 +43,11 @@ from bundle_helpers import mlflow_runs as _mlflow_runs  # noqa: E402
 from bundle_helpers import run_bundle  # noqa: E402
 
 
-def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_bundle(configs, overrides, CONFIGS, timeout)
+from bundle_helpers import files_under, folder_digest, read_failures  # noqa: E402
+
+
+def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600, expect_exit: int = 0) -> subprocess.CompletedProcess:
+    return run_bundle(configs, overrides, CONFIGS, timeout, expect_exit)
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +130,17 @@ def test_inference_writes_probabilities(trained, busi, tmp_path):
     shutil.copy(busi / "malignant" / "malignant (1).png", inputs / "more" / "m1.png")
     shutil.copy(busi / "normal" / "normal (1).png", inputs / "more" / "n1.png")
     shutil.copy(busi / "normal" / "normal (1).png", inputs / "more" / "n1_mask.png")
-    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in inputs.rglob("*.png")}
+    (inputs / "more" / "broken.png").write_bytes((busi / "normal" / "normal (1).png").read_bytes()[:300])
+    (inputs / "notes.txt").write_text("not an image")
+    before = folder_digest(inputs)
     output = tmp_path / "out"
-    _run_bundle([str(CONFIGS / "inference.json")],
-                {**NETWORK, "bundle_root": str(trained["root"]), "input_dir": str(inputs), "output_dir": str(output),
-                 "num_workers": 0})
-    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in inputs.rglob("*.png")} == before
+    proc = _run_bundle([str(CONFIGS / "inference.json")],
+                       {**NETWORK, "bundle_root": str(trained["root"]), "input_dir": str(inputs),
+                        "output_dir": str(output), "num_workers": 0}, expect_exit=1)
+    assert folder_digest(inputs) == before  # every file, not only the pictures
+    assert files_under(output) == {"predictions.csv", "failed.csv"}
+    (stage, reason), = read_failures(output).values()
+    assert stage == "read" and reason.startswith("truncated") and "broken.png" in proc.stdout + proc.stderr
     with open(output / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(Path(r["image"]).name for r in rows) == ["b1.png", "m1.png", "n1.png"]
@@ -144,6 +151,7 @@ def test_inference_writes_probabilities(trained, busi, tmp_path):
     client, runs = _mlflow_runs(trained["root"] / "eval" / "mlruns.db", "dex_classification")
     inference = [r for n, r in runs.items() if n.startswith("classification_inference_")]
     assert len(inference) == 1 and "predictions/predictions.csv" in _artifacts(client, inference[0].info.run_id)
+    assert inference[0].info.status == "FAILED" and inference[0].data.metrics["failed_inputs"] == 1
 
 
 def test_ddp_two_processes(busi, tmp_path):

@@ -47,8 +47,11 @@ from bundle_helpers import mlflow_runs as _mlflow_runs  # noqa: E402
 from bundle_helpers import run_bundle  # noqa: E402
 
 
-def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_bundle(configs, overrides, CONFIGS, timeout)
+from bundle_helpers import files_under, read_failures  # noqa: E402
+
+
+def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600, expect_exit: int = 0) -> subprocess.CompletedProcess:
+    return run_bundle(configs, overrides, CONFIGS, timeout, expect_exit)
 
 
 def _disk_image(rng: np.random.Generator, shape=(48, 64)) -> tuple[np.ndarray, np.ndarray]:
@@ -195,13 +198,39 @@ def test_inference_png_nifti_dicom(trained, dataset, tmp_path):
 
 
 def test_outputs_never_replace_inputs(tmp_path):
-    from dex_monai.engines.finetune import SavePredictiond, check_output_paths
+    from dex_monai.data.datalist import plan_outputs
+    from dex_monai.engines.finetune import SavePredictiond
 
     items = [{"image": str(tmp_path / "a.png")}, {"image": str(tmp_path / "a_seg.png")}]
-    with pytest.raises(ValueError, match="would overwrite the input"):
-        check_output_paths(items, tmp_path, "seg", "auto")
+    with pytest.raises(ValueError, match="input folder"):
+        plan_outputs(items, tmp_path, "seg", "auto")
     with pytest.raises(ValueError, match="must not be empty"):
         SavePredictiond(output_dir=tmp_path, output_postfix="")
+
+
+def test_input_files_far_from_output_dir_and_a_fake_png(trained, tmp_path):
+    """``--input_files "['/t/a/b/in/good.png', ...]" --output_dir /t/x/y/z/out`` wrote ``/t/a/b/in/good_seg.png``
+    (beside the input) before; now everything goes under output_dir, and a text file named .png is reported."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    deep, other = tmp_path / "a" / "b" / "in", tmp_path / "c"
+    deep.mkdir(parents=True)
+    other.mkdir()
+    Image.fromarray(_disk_image(rng, (40, 48))[0]).save(deep / "good.png")
+    Image.fromarray(_disk_image(rng, (32, 32))[0]).save(other / "good2.png")
+    (deep / "fake.png").write_text("a text file named like a picture")
+    before = _digest(tmp_path)
+    output = tmp_path / "x" / "y" / "z" / "out"
+    overrides = {**NETWORK, "bundle_root": str(trained["root"]), "output_dir": str(output), "num_workers": 0,
+                 "input_files": [str(deep / "good.png"), str(deep / "fake.png"), str(other / "good2.png")]}
+    proc = _run_bundle([str(CONFIGS / "inference.json")], overrides, expect_exit=1)
+    assert {k: v for k, v in _digest(tmp_path).items() if not k.startswith("x/")} == before
+    assert files_under(output) == {"a/b/in/good_seg.png", "c/good2_seg.png", "failed.csv",
+                                   "overlays/inference_epoch_1.png"}
+    assert Image.open(output / "a" / "b" / "in" / "good_seg.png").size == (40, 48)[::-1]
+    (stage, reason), = read_failures(output).values()
+    assert stage == "read" and reason.startswith("corrupt") and "fake.png" in proc.stdout + proc.stderr
 
 
 def test_verify_metadata():

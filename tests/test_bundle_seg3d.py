@@ -49,8 +49,11 @@ from bundle_helpers import mlflow_runs as _mlflow_runs  # noqa: E402
 from bundle_helpers import run_bundle  # noqa: E402
 
 
-def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_bundle(configs, overrides, CONFIGS, timeout)
+from bundle_helpers import files_under, read_failures  # noqa: E402
+
+
+def _run_bundle(configs: list[str], overrides: dict, timeout: int = 600, expect_exit: int = 0) -> subprocess.CompletedProcess:
+    return run_bundle(configs, overrides, CONFIGS, timeout, expect_exit)
 
 
 def _write_dicom_series(volume: np.ndarray, folder: Path, spacing=(1.0, 1.0, 1.5)) -> None:
@@ -143,6 +146,17 @@ def test_evaluate(trained):
     assert "val_mean_dice" in metrics and "val_hd95" in metrics
     written = sorted((root / "eval" / "evaluate_predictions").glob("*_seg.nii.gz"))
     assert len(written) == 1
+    # a label map with the image's grid, not a one-hot 4-D file
+    import nibabel as nib
+
+    pred = nib.load(str(written[0]))
+    source = nib.load(str(Path(trained["overrides"]["dataset_dir"]) / "imagesTr" / written[0].name.replace("_seg", "")))
+    assert pred.shape == source.shape and set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2}
+    # per-class columns named by label (without background, MONAI's class0 is label 1)
+    header = (root / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()[0].split(",")
+    assert header == ["filename", "anterior (1)", "posterior (2)", "mean"]
+    summary = (root / "eval" / "val_hd95_summary.csv").read_text()
+    assert "anterior (1)" in summary and "class0" not in summary
     client, runs = _mlflow_runs(root / "eval" / "mlruns.db", "dex_seg3d")
     evaluate = [r for n, r in runs.items() if n.startswith("seg3d_evaluate_")]
     assert len(evaluate) == 1 and evaluate[0].info.status == "FINISHED"
@@ -185,6 +199,84 @@ def test_inference_restores_geometry(trained, hippocampus, tmp_path):
     client, runs = _mlflow_runs(trained["root"] / "eval" / "mlruns.db", "dex_seg3d")
     inference = [r for n, r in runs.items() if n.startswith("seg3d_inference_")]
     assert len(inference) == 1 and inference[0].info.status == "FINISHED"
+
+
+def test_inference_goes_on_past_broken_inputs(trained, hippocampus, tmp_path):
+    """Good volumes among a truncated NIfTI, a NaN volume, a text file named .png and a DICOM series with an empty
+    slice: the good ones are predicted, each bad one is named with its reason in the log and in failed.csv, the exit
+    status is 1, the MLflow run ends FAILED; nothing is written outside output_dir and no input file changes."""
+    import nibabel as nib
+
+    inputs = tmp_path / "archive" / "study"
+    inputs.mkdir(parents=True)
+    names = sorted(p.name for p in (hippocampus / "imagesTr").glob("hippocampus_*.nii.gz"))[2:4]
+    for name in names:
+        shutil.copy(hippocampus / "imagesTr" / name, inputs / name)
+    raw = (inputs / names[0]).read_bytes()
+    (inputs / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    nib.save(nib.Nifti1Image(np.full((20, 20, 12), np.nan, dtype=np.float32), np.eye(4)), str(inputs / "nan.nii.gz"))
+    (inputs / "notes.png").write_text("not a picture")
+    (inputs / "readme.txt").write_text("an archive's own file, not an image")
+    source = np.asarray(nib.load(str(inputs / names[0])).dataobj, dtype=np.float32)
+    _write_dicom_series(source[:, :, :10] * 10, inputs / "gap_series")
+    (inputs / "gap_series" / "slice_004.dcm").write_bytes(b"")
+    before = _digest(tmp_path / "archive")
+    output = tmp_path / "elsewhere" / "deep" / "out"
+    overrides = {**NETWORK, "bundle_root": str(trained["root"]), "input_dir": str(inputs), "output_dir": str(output),
+                 "num_workers": 0, "overlap": 0.25, "run_name": "broken_inputs"}
+    proc = _run_bundle([str(CONFIGS / "inference.json")], overrides, expect_exit=1)
+    log = proc.stdout + proc.stderr
+
+    assert _digest(tmp_path / "archive") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive", "elsewhere"]
+    written = files_under(output)
+    assert {f"{n.replace('.nii.gz', '')}_seg.nii.gz" for n in names} <= written
+    assert written - {f"{n.replace('.nii.gz', '')}_seg.nii.gz" for n in names} == {"failed.csv",
+                                                                                  "overlays/inference_epoch_1.png"}
+    for name in names:
+        image = nib.load(str(inputs / name))
+        pred = nib.load(str(output / name.replace(".nii.gz", "_seg.nii.gz")))
+        assert pred.shape == image.shape
+    failures = read_failures(output)
+    assert set(failures) == {"truncated.nii.gz", "nan.nii.gz", "notes.png", "gap_series"}
+    assert failures["truncated.nii.gz"][0] == "read" and failures["truncated.nii.gz"][1].startswith("truncated")
+    assert failures["nan.nii.gz"][1].startswith("non-finite")
+    assert failures["notes.png"][1].startswith("corrupt")
+    assert failures["gap_series"][1].startswith("bad geometry: a gap")
+    for name in failures:
+        assert name in log
+    assert "4 of 6 inputs failed" in log and "4 inputs failed; see the log and failed.csv" in log
+    assert "Traceback" not in log
+    assert "[1/6]" in log and "[6/6]" in log  # one progress line per input
+
+    client, runs = _mlflow_runs(trained["root"] / "eval" / "mlruns.db", "dex_seg3d")
+    run = runs["broken_inputs"]
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["failed_inputs"] == 4 and run.data.metrics["predicted_inputs"] == 2
+    assert "failures/failed.csv" in _artifacts(client, run.info.run_id)
+
+
+def test_input_files_in_several_folders_write_only_under_output_dir(trained, hippocampus, tmp_path):
+    """``--input_files`` from different folders (and a name shared by two of them) with a far-away output_dir: every
+    prediction lies under output_dir (the old default input_dir made SaveImage climb out of it)."""
+    first, second = (tmp_path / "x" / "nrrd", tmp_path / "a" / "b" / "in")
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    name = sorted(p.name for p in (hippocampus / "imagesTr").glob("hippocampus_*.nii.gz"))[0]
+    shutil.copy(hippocampus / "imagesTr" / name, first / "case.nii.gz")
+    shutil.copy(hippocampus / "imagesTr" / name, second / "case.nii.gz")
+    before = _digest(tmp_path)
+    output = tmp_path / "t" / "x" / "y" / "z" / "out"
+    overrides = {**NETWORK, "bundle_root": str(trained["root"]), "output_dir": str(output), "num_workers": 0,
+                 "input_files": [str(first / "case.nii.gz"), str(second / "case.nii.gz")], "overlay_images": 0}
+    _run_bundle([str(CONFIGS / "inference.json")], overrides)
+    assert {k: v for k, v in _digest(tmp_path).items() if not k.startswith("t/")} == before
+    assert files_under(output) == {"x/nrrd/case_seg.nii.gz", "a/b/in/case_seg.nii.gz"}
+
+    overrides["output_dir"] = str(second)
+    proc = _run_bundle([str(CONFIGS / "inference.json")], overrides, expect_exit=1)
+    assert f"output_dir {second} is the input folder {second}" in proc.stdout + proc.stderr
+    assert {k: v for k, v in _digest(tmp_path).items() if not k.startswith("t/")} == before
 
 
 def test_verify_metadata():

@@ -182,17 +182,61 @@ def test_canonical_names_of_reference_mae():
     assert all(not re.search(r"\bfc\d", k) for k in list(encoder) + list(decoder))
 
 
-def test_2d_rgb_encoder_inflates_into_3d_grey_unetr():
+def _embed(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return conv(x)
+
+
+def test_2d_rgb_encoder_inflates_into_3d_grey_unetr_along_the_slicing_axis(tmp_path):
+    """Pre-training slices volumes along the last spatial axis (ExtractSlice axis=2), so a volume constant along that
+    axis must embed exactly like its 2D slice (grey replicated into RGB), through every loading path: the network
+    loader, the fine-tuning initialisation from a checkpoint file, and the adapter itself."""
+    from dex_monai.engines.finetune import initialise_network
+    from dex_monai.networks import adapt_patch_kernel
+
     source = DEXViT(3, 32, 16, spatial_dims=2, num_layers=4, num_experts=3, **TINY)
-    target = DEXUNETR(1, 2, 32, 16, spatial_dims=3, num_layers=4, num_experts=3, **TINY)
-    report = load_encoder_weights(target, source.state_dict())
-    assert report.ok and any("inflated" in n for n in report.notes)
-    assert any("position_embeddings" in n for n in report.notes)  # the 3D grid keeps its own sin-cos table
-    # a volume constant along depth embeds like its grey slice replicated into RGB
-    slice_2d = torch.rand(1, 1, 32, 32)
-    volume = slice_2d.unsqueeze(2).repeat(1, 1, 16, 1, 1)
-    conv3d = target.vit.patch_embedding.patch_embeddings
     conv2d = source.patch_embedding.patch_embeddings
-    out3d = torch.nn.functional.conv3d(volume, conv3d.weight, None, stride=16)[:, :, 0]
-    out2d = torch.nn.functional.conv2d(slice_2d.repeat(1, 3, 1, 1), conv2d.weight, None, stride=16)
-    torch.testing.assert_close(out3d, out2d, atol=1e-5, rtol=1e-5)
+    slice_2d = torch.rand(1, 1, 32, 32)
+    volume = slice_2d.unsqueeze(-1).repeat(1, 1, 1, 1, 16)  # [B, C, X, Y, Z], constant along Z
+    expected = _embed(conv2d, slice_2d.repeat(1, 3, 1, 1))  # [B, D, 2, 2]
+
+    direct = DEXUNETR(1, 2, 32, 16, spatial_dims=3, num_layers=4, num_experts=3, **TINY)
+    report = load_encoder_weights(direct, source.state_dict())
+    assert report.ok and any("inflated to 3D along spatial axis 2" in n for n in report.notes)
+    assert any("position_embeddings" in n for n in report.notes)  # the 3D grid keeps its own sin-cos table
+
+    torch.save({"model": source.state_dict()}, tmp_path / "model.pt")
+    bundle = DEXUNETR(1, 2, 32, 16, spatial_dims=3, num_layers=4, num_experts=3, **TINY)
+    initialise_network(bundle, "dex", tmp_path)
+
+    weight, _ = adapt_patch_kernel(conv2d.weight, tuple(direct.vit.patch_embedding.patch_embeddings.weight.shape))
+    for net in (direct, bundle):
+        out3d = _embed(net.vit.patch_embedding.patch_embeddings, volume)[..., 0]  # [B, D, 2, 2]
+        torch.testing.assert_close(out3d, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(net.vit.patch_embedding.patch_embeddings.weight, weight)
+    # along the first axis it is a different kernel: the old inflation axis no longer holds
+    across = slice_2d.unsqueeze(2).repeat(1, 1, 16, 1, 1)
+    assert not torch.allclose(_embed(direct.vit.patch_embedding.patch_embeddings, across)[:, :, 0], expected, atol=1e-3)
+
+
+def test_patch_kernel_channels_and_size():
+    """Channels are summed and shared: equal-channel images embed as before. Another kernel size is resampled and
+    rescaled: a constant image embeds the same."""
+    from dex_monai.networks import adapt_patch_kernel
+
+    w = torch.randn(8, 3, 4, 4)
+    grey, notes = adapt_patch_kernel(w, (8, 1, 4, 4))
+    assert notes == ["input channels 3 -> 1 (kernel summed and shared)"]
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, grey, stride=4),
+                               torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), w, stride=4))
+    rgb, _ = adapt_patch_kernel(grey, (8, 3, 4, 4))
+    torch.testing.assert_close(torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), rgb, stride=4),
+                               torch.nn.functional.conv2d(x, grey, stride=4))
+    bigger, notes = adapt_patch_kernel(w, (8, 3, 8, 8))
+    assert notes == ["kernel resampled (4, 4) -> (8, 8) (bicubic)"]
+    ones = torch.ones(1, 3, 8, 8)
+    torch.testing.assert_close(torch.nn.functional.conv2d(ones, bigger, stride=8)[..., 0, 0],
+                               torch.nn.functional.conv2d(ones[..., :4, :4], w, stride=4)[..., 0, 0],
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="token dimension differs"):
+        adapt_patch_kernel(w, (16, 3, 4, 4))

@@ -24,13 +24,14 @@ def test_main_job_end_to_end(tmp_path):
     assert "main job finished" in proc.stdout and "MLflow store" in proc.stdout
     assert (out / "pretrain" / "models" / "model.pt").is_file()
     assert (out / "seg2d" / "models" / "model.pt").is_file()
-    predictions = sorted((out / "predictions").rglob("*.png"))
+    predictions = sorted((out / "predictions").rglob("*_seg.png"))
     assert len(predictions) == 4
+    assert (out / "predictions" / "overlays" / "inference_epoch_1.png").is_file()  # every output under output_dir
     from PIL import Image
 
     for path in predictions:
         labels = np.asarray(Image.open(path))
-        assert labels.shape == (64, 64) and set(np.unique(labels)) <= {0, 1, 255}
+        assert labels.shape == (64, 64) and set(np.unique(labels)) <= {0, 1}  # class indices, not scaled to 255
 
     import mlflow
 

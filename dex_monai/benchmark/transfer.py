@@ -10,7 +10,7 @@ Protocol (the paper's, at a size a laptop can run and a GPU can scale):
    between modality and expert choice, and for every encoder a linear probe's modality accuracy on its features.
 
 Every pre-training and fine-tuning run is logged to one MLflow experiment; a summary run holds the table (markdown,
-CSV) and the figures. 2D encoders initialise 3D tasks through :func:`~dex_monai.networks.convert.adapt_patch_embedding`
+CSV) and the figures. 2D encoders initialise 3D tasks through :func:`~dex_monai.networks.kernel.adapt_patch_kernel` (inflated along the slicing axis)
 (kernels inflated along depth).
 """
 

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dex_monai.data.cache import SliceCache, slice_cache_key
+from dex_monai.data.checks import RejectedFile, classify_error
+from dex_monai.data.failures import describe_failure
 from dex_monai.data.datalist import load_datalist
 from dex_monai.data.modality import MODALITIES, ModalityRules, canonical_modality, modality_index
 
@@ -49,6 +51,9 @@ def select_entries(
     ]
 
 
+_ON_ERROR = {"stop": "stop", "raise": "stop", "skip": "skip", "warn": "skip"}
+
+
 class SliceDataset(Dataset):
     """2-D pre-training dataset over a multi-modality datalist, backed by a persistent slice cache.
 
@@ -69,7 +74,9 @@ class SliceDataset(Dataset):
         slice_axis: spatial axis (0, 1, 2) along which volumes are sliced.
         norm_config: normalisation config (YAML path, mapping or ``None`` for the defaults).
         rules: modality rules for items without a DICOM tag or a ``modality`` entry.
-        on_error: ``"raise"`` (default) or ``"warn"`` (skip the unit; listed in :attr:`failed`).
+        on_error: ``"stop"`` (default; alias ``"raise"``): the first unusable unit stops with a
+            :class:`~dex_monai.data.checks.RejectedFile` naming the file and the reason; ``"skip"`` (alias
+            ``"warn"``): it is left out with a warning and listed in :attr:`failed` as ``(path, reason)``.
         progress: tqdm progress bar while preparing.
     """
 
@@ -81,21 +88,21 @@ class SliceDataset(Dataset):
         slice_axis: int = 2,
         norm_config: str | os.PathLike | Mapping[str, Any] | None = None,
         rules: ModalityRules | str | os.PathLike | None = None,
-        on_error: str = "raise",
+        on_error: str = "stop",
         progress: bool = True,
     ) -> None:
         from dex_monai.transforms.intensity import load_normalization_config, normalization_config_hash
         from dex_monai.transforms.io import LoadMultiModalImage
         from dex_monai.transforms.modality import DetectModality
 
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}.")
+        if str(on_error).lower() not in _ON_ERROR:
+            raise ValueError(f"on_error must be 'stop' ('raise') or 'skip' ('warn'), got {on_error!r}.")
         self.transform = transform
         self.slice_axis = int(slice_axis)
         self.norm_config = load_normalization_config(norm_config)  # defaults completed, validated
         self.config_hash = normalization_config_hash(self.norm_config)
         self.cache = SliceCache(cache_dir)
-        self.on_error = on_error
+        self.on_error = _ON_ERROR[str(on_error).lower()]
         self._detect = DetectModality(rules=rules, strict=True)
         self._loader = LoadMultiModalImage()
         self.failed: list[tuple[str, str]] = []
@@ -164,10 +171,13 @@ class SliceDataset(Dataset):
                     self.decoded_units += 1
                     manifest = self.cache.put(key, slices, {"image": path, "modality": modality})
             except Exception as e:
-                if self.on_error == "raise":
-                    raise
-                warnings.warn(f"SliceDataset: skipping {path}: {e}", stacklevel=2)
-                self.failed.append((path, str(e)))
+                failure = describe_failure(e, path, stage="prepare")
+                if self.on_error == "stop":
+                    if isinstance(e, RejectedFile):
+                        raise e.with_path(path)
+                    raise classify_error(e, path) from e
+                warnings.warn(f"SliceDataset: skipping {path}: {failure['reason']}", stacklevel=2)
+                self.failed.append((path, failure["reason"]))
                 continue
             pos = len(self._units)
             self._units.append((key, {"filename": path, "modality": modality}))

@@ -44,6 +44,8 @@ __all__ = [
     "DISPLAY_REFERRED",
     "DICOM_MODALITY",
     "DICOM_UNITS",
+    "PATIENT_AFFINE",
+    "dicom_patient_affine",
     "PIL_FORMATS",
     "ImageDecodeError",
     "IMAGE_SUFFIXES",
@@ -52,6 +54,7 @@ __all__ = [
     "is_dicom_file",
     "is_dicom_series_folder",
     "dicom_files_in",
+    "check_dicom_series",
     "read_dicom_header",
     "transfer_syntax_description",
     "dicom_modality_tag",
@@ -75,6 +78,7 @@ SOURCE_FORMAT = "source_format"  #: meta key: :func:`image_format` of the file
 DISPLAY_REFERRED = "display_referred"  #: meta key: the values are display grey levels, not physical units
 DICOM_MODALITY = "dicom_modality"  #: meta key: DICOM ``Modality`` tag
 DICOM_UNITS = "units"  #: meta key: DICOM ``Units`` (0054,1001), e.g. ``GML`` for SUV-scaled PET
+PATIENT_AFFINE = "patient_affine"  #: meta key: RAS affine of a single DICOM slice as ``[X, Y, 1]`` (patient space)
 
 #: formats read with Pillow: their values are display grey levels / colours.
 PIL_FORMATS = frozenset({"png", "jpeg", "tiff", "bmp"})
@@ -248,6 +252,22 @@ def _functional_group_measures(ds: Any) -> list[Any]:
     return out
 
 
+def dicom_patient_affine(ds: Any, spacing: Sequence[float]) -> np.ndarray | None:
+    """The RAS affine ``[4, 4]`` of a single-frame DICOM slice as a volume ``[X, Y, 1]`` (x = columns, y = rows) from
+    ``ImageOrientationPatient`` / ``ImagePositionPatient``, or None when they are absent. ``spacing`` is
+    ``[x, y]`` or ``[x, y, z]`` (mm); the slice axis is the normal of the plane."""
+    iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+    if iop is None or ipp is None or len(iop) != 6 or len(ipp) != 3:
+        return None
+    row, col = np.asarray([float(v) for v in iop[:3]]), np.asarray([float(v) for v in iop[3:]])
+    lps = np.eye(4)
+    lps[:3, 0] = row * float(spacing[0])
+    lps[:3, 1] = col * float(spacing[1])
+    lps[:3, 2] = np.cross(row, col) * (float(spacing[2]) if len(spacing) > 2 else _frame_spacing(ds))
+    lps[:3, 3] = [float(v) for v in ipp]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
 def _frame_spacing(ds: Any) -> float:
     for source in (*_functional_group_measures(ds), ds):
         for tag in ("SpacingBetweenSlices", "SliceThickness"):
@@ -292,6 +312,13 @@ def _pil_convert(img: Any) -> Any:
     if mode in ("LA", "La", "1"):
         return img.convert("L")
     return img
+
+
+def _pil_label_convert(img: Any) -> Any:
+    """Pillow modes of label masks: palette images keep their indices (the classes), alpha is dropped."""
+    if img.mode in ("P", "L", "I", "I;16", "1"):
+        return img.convert("L") if img.mode == "1" else img
+    return _pil_convert(img)
 
 
 class PILImageReader(_StoredDtypeMixin, PILReader):
@@ -341,6 +368,23 @@ class NumpyImageReader(_StoredDtypeMixin, NumpyReader):
         return data, meta
 
 
+def check_dicom_series(name: str | os.PathLike, files: Sequence[str | os.PathLike]) -> Any:
+    """Check a DICOM series from its headers before any pixel is read: no Siemens mosaics (each file a volume) and,
+    for several slices, evenly spaced positions along the slice normal (:func:`check_slice_positions`: a missing or
+    empty slice is a gap). Returns the first header; raises :class:`RejectedFile` naming ``name``."""
+    name = os.fspath(name)
+    headers = [read_dicom_header(f) for f in files]
+    if is_mosaic(headers[0]):
+        if len(files) == 1:
+            raise RejectedFile("unsupported", "a Siemens mosaic; read it as a file (DicomFileReader)", name)
+        raise RejectedFile(
+            "unsupported", f"{len(files)} Siemens mosaic files (each one 3-D volume: a 4-D series); give the files", name
+        )
+    if len(headers) > 1 and all("ImagePositionPatient" in h and "ImageOrientationPatient" in h for h in headers):
+        check_slice_positions(slice_positions(headers), where=name)
+    return headers[0]
+
+
 class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
     """ITK (GDCM) reader of one DICOM series in a folder, chosen by its ``SeriesInstanceUID``.
 
@@ -381,23 +425,6 @@ class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
             uid = self.series_uid
         return list(gen.GetFileNames(uid))
 
-    @staticmethod
-    def _check_series(name: str, files: list[str]) -> Any:
-        """Check the series from its headers before any pixel is read: no Siemens mosaics (each file a volume)
-        and, for several slices, evenly spaced positions along the slice normal (:func:`check_slice_positions`:
-        a missing or empty slice is a gap). Returns the first header."""
-        headers = [read_dicom_header(f) for f in files]
-        if is_mosaic(headers[0]):
-            if len(files) == 1:
-                raise RejectedFile("unsupported", "a Siemens mosaic; read it as a file (DicomFileReader)", name)
-            raise RejectedFile(
-                "unsupported", f"{len(files)} Siemens mosaic files (each one 3-D volume: a 4-D series); give the files",
-                name,
-            )
-        if len(headers) > 1 and all("ImagePositionPatient" in h and "ImageOrientationPatient" in h for h in headers):
-            check_slice_positions(slice_positions(headers), where=name)
-        return headers[0]
-
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any):
         import itk
 
@@ -405,7 +432,7 @@ class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
         for name in ensure_tuple(data):
             name = os.fspath(name)
             files = self._series_files(name) if os.path.isdir(name) else [name]
-            ds = self._check_series(name, files)
+            ds = check_dicom_series(name, files)
             self._headers.append(
                 {
                     DICOM_MODALITY: str(ds.get("Modality", "") or ""),
@@ -533,6 +560,9 @@ class DicomFileReader(ImageReader):
         }
         if value_range is not None:
             meta[INTENSITY_RANGE] = value_range
+        patient = None if has_frames else dicom_patient_affine(ds, spacing)
+        if patient is not None:  # where the slice lies in the patient: predictions written as [X, Y, 1] keep it
+            meta[PATIENT_AFFINE] = patient
         return arr, meta
 
 
@@ -712,8 +742,10 @@ def reader_for(
     series_uid: str | None = None,
     npz_key: str | None = None,
     npz_index: int | None = None,
+    label: bool = False,
 ) -> ImageReader:
-    """The MONAI reader for ``path`` (see the module table); :class:`ImageDecodeError` for unsupported files."""
+    """The MONAI reader for ``path`` (see the module table); :class:`RejectedFile` for unsupported files.
+    With ``label`` palette pictures keep their indices (label masks) instead of becoming RGB."""
     fmt = image_format(path)
     if fmt == "dicom-series":
         return DicomSeriesReader(series_uid=series_uid)
@@ -722,7 +754,7 @@ def reader_for(
     if fmt == "nifti":
         return NiftiReader()
     if fmt in PIL_FORMATS:
-        return PILImageReader()
+        return PILImageReader(converter=_pil_label_convert) if label else PILImageReader()
     if fmt in _ITK_FORMATS:
         return ITKImageReader()
     if fmt == "npy":

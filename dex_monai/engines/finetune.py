@@ -45,7 +45,7 @@ from dex_monai.data.datalist import (
     segmentation_datalist,
     split_items,
 )
-from dex_monai.data.readers import image_stem
+from dex_monai.data.readers import PATIENT_AFFINE, image_stem
 from dex_monai.engines.checkpoint import find_latest_checkpoint
 from dex_monai.engines.handlers import add_tracking_artifact, add_tracking_metrics
 from dex_monai.engines.utils import is_dist, is_rank0, unwrap_network
@@ -68,7 +68,6 @@ __all__ = [
     "SavePredictiond",
     "SqueezeSpatiald",
     "TensorInferer",
-    "adapt_input_weights",
     "classification_datalist",
     "draw_overlays",
     "inference_datalist",
@@ -88,7 +87,6 @@ logger = logging.getLogger(__name__)
 #: how a downstream network is initialised
 INIT_MODES = ("scratch", "dex", "dense")
 
-_PATCH_EMBED_SUFFIXES = ("patch_embedding.patch_embeddings.weight", "patch_embed.proj.weight")
 
 # ----------------------------------------------------------------------------------------------
 # initialisation
@@ -117,54 +115,6 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path | None:
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist.")
     return path
 
-def _encoder_of(network: torch.nn.Module) -> torch.nn.Module:
-    net = unwrap_network(network)
-    for name in ("vit", "encoder"):
-        encoder = getattr(net, name, None)
-        if encoder is not None and hasattr(encoder, "patch_embedding"):
-            return encoder
-    if hasattr(net, "patch_embedding"):
-        return net
-    raise TypeError(f"{type(net).__name__} has no DEX encoder (expected a `vit` or `encoder` attribute).")
-
-def adapt_input_weights(weight: torch.Tensor, target_shape: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
-    """
-    Adapt a patch-embedding kernel ``[D, C_s, *k_s]`` to ``target_shape`` ``[D, C_t, *k_t]``.
-
-    - channels: the kernel is summed over the source channels and shared equally by the target channels, so an image
-      whose channels are all equal (a grey image given as RGB, or one channel) gives the same embedding;
-    - 2D to 3D: the kernel is repeated along the last (depth) axis and divided by its length (inflation), 3D to 2D:
-      summed over depth;
-    - kernel size: resampled (bilinear / trilinear) and rescaled so that a constant image gives the same embedding.
-
-    The token dimension D must agree. Returns the new kernel and notes on what was done.
-    """
-    target_shape = tuple(int(s) for s in target_shape)
-    notes: list[str] = []
-    w = weight.detach().float()
-    if w.shape[0] != target_shape[0]:
-        raise ValueError(f"token dimension differs: checkpoint {tuple(w.shape)} vs network {target_shape}.")
-    if w.shape[1] != target_shape[1]:
-        w = w.sum(dim=1, keepdim=True).repeat(1, target_shape[1], *([1] * (w.dim() - 2))) / target_shape[1]
-        notes.append(f"input channels {weight.shape[1]} -> {target_shape[1]} (kernel summed and shared)")
-    src_dims, tgt_dims = w.dim() - 2, len(target_shape) - 2
-    if src_dims == 2 and tgt_dims == 3:
-        depth = target_shape[-1]
-        w = w.unsqueeze(-1).repeat(1, 1, 1, 1, depth) / depth
-        notes.append(f"2D kernel inflated to 3D over depth {depth}")
-    elif src_dims == 3 and tgt_dims == 2:
-        w = w.sum(dim=-1)
-        notes.append("3D kernel summed over depth to 2D")
-    elif src_dims != tgt_dims:
-        raise ValueError(f"cannot adapt a {src_dims}D patch embedding to {tgt_dims}D.")
-    if tuple(w.shape[2:]) != target_shape[2:]:
-        before = float(np.prod(w.shape[2:]))
-        mode = "bilinear" if tgt_dims == 2 else "trilinear"
-        w = F.interpolate(w, size=target_shape[2:], mode=mode, align_corners=False)
-        w = w * before / float(np.prod(target_shape[2:]))
-        notes.append(f"kernel resampled {tuple(weight.shape[2:])} -> {target_shape[2:]}")
-    return w.to(weight.dtype), notes
-
 def _is_dex_state(state: Mapping[str, torch.Tensor]) -> bool:
     return any(".dex." in k or ".DEX." in k for k in state)
 
@@ -188,7 +138,8 @@ def initialise_network(
         strict: stop on missing, unexpected or mismatched encoder tensors (a dense checkpoint without CLS token, as
             MONAI's ``ViT``/``UNETR`` save them, is accepted: the CLS token keeps its initialisation).
         adapt_input: adapt the patch embedding when only its input channels, its dimensionality (2D checkpoint for
-            a 3D network) or its kernel size differ (see :func:`adapt_input_weights`).
+            a 3D network: inflated along the slicing axis) or its kernel size differ
+            (:func:`dex_monai.networks.kernel.adapt_patch_kernel`, the one adapter of every loading path).
 
     Returns:
         the :class:`~dex_monai.networks.ConversionReport` of the load, or None from scratch.
@@ -198,7 +149,7 @@ def initialise_network(
             checkpoint that does not fit, the message naming the file and the missing / unexpected / mismatched keys.
         FileNotFoundError: no checkpoint where one is needed.
     """
-    from dex_monai.networks.convert import load_encoder_weights, read_state_dict
+    from dex_monai.networks.convert import encoder_of, load_encoder_weights, read_state_dict
 
     init = str(init).lower()
     if init not in INIT_MODES:
@@ -217,20 +168,8 @@ def initialise_network(
     if init == "dense" and _is_dex_state(state):
         raise ValueError(f"init='dense' but {path} holds a DEX checkpoint (DEX layers found); use init='dex'.")
     net = unwrap_network(network)
-    encoder = _encoder_of(net)
-    notes: list[str] = []
-    if adapt_input:
-        target = encoder.patch_embedding.patch_embeddings.weight
-        for key in list(state):
-            if key.endswith(_PATCH_EMBED_SUFFIXES) and tuple(state[key].shape) != tuple(target.shape):
-                try:
-                    state[key], done = adapt_input_weights(state[key], target.shape)
-                except ValueError as e:
-                    notes.append(f"{key} not adapted: {e}")
-                    continue
-                notes.append(f"{key}: " + "; ".join(done))
-    report = load_encoder_weights(net, state, strict=False)
-    report.notes.extend(notes)
+    encoder, _ = encoder_of(net)
+    report = load_encoder_weights(net, state, strict=False, adapt_input=adapt_input)
     if init == "dense" and "cls_token" in report.missing:
         # MONAI ViT (without classification) and UNETR checkpoints have no CLS token: it keeps its initialisation
         report.missing.remove("cls_token")
@@ -394,20 +333,28 @@ class PrepareLabeld(MapTransform):
 def restore_spatial_shape(pred: Any, ref_meta: Mapping) -> Any:
     """
     ``pred [C, *spatial]`` reshaped to the spatial shape the input had on disk (``ref_meta["spatial_shape"]``) when
-    only singleton axes differ, with the input's ``original_affine``: the inverse of :class:`SqueezeSpatiald`.
-    Anything else is returned unchanged.
+    only singleton axes differ, with the input's ``original_affine``: the inverse of :class:`SqueezeSpatiald`. A 2D
+    prediction of a single DICOM slice whose reader recorded its place in the patient (``patient_affine``) becomes
+    ``[C, X, Y, 1]`` with that affine. Anything else is returned unchanged.
     """
+    spatial = [int(s) for s in pred.shape[1:]]
+    patient = ref_meta.get(PATIENT_AFFINE)
+    if patient is not None and len(spatial) == 2:
+        pred = pred.reshape(pred.shape[0], *spatial, 1)
+        if isinstance(pred, MetaTensor):
+            pred.affine = torch.as_tensor(np.asarray(patient), dtype=torch.float64)
+        return pred
     original = ref_meta.get("spatial_shape")
     if original is None:
         return pred
     original = [int(s) for s in np.asarray(original).ravel()]
-    spatial = [int(s) for s in pred.shape[1:]]
     if spatial == original or [s for s in spatial if s != 1] != [s for s in original if s != 1]:
         return pred
     pred = pred.reshape(pred.shape[0], *original)
     if isinstance(pred, MetaTensor) and ref_meta.get("original_affine") is not None:
         pred.affine = torch.as_tensor(np.asarray(ref_meta["original_affine"]), dtype=torch.float64)
     return pred
+
 
 class RestoreSpatialShaped(MapTransform):
     """Dictionary transform applying :func:`restore_spatial_shape` with the metadata of ``ref_key``."""
@@ -485,7 +432,7 @@ class SavePredictiond(MapTransform):
     def _write_other(self, pred: torch.Tensor, affine: Any, path: Path) -> None:
         from monai.data.image_writer import resolve_writer
 
-        writer = resolve_writer(path.name.split(".", 1)[-1])[0](output_dtype=self.output_dtype)
+        writer = resolve_writer(path.name.split(".", 1)[-1])[0](output_dtype=self.output_dtype, scale=None)  # labels
         writer.set_data_array(pred, channel_dim=0, squeeze_end_dims=True)
         write_meta = {"spatial_shape": tuple(pred.shape[1:])}
         if affine is not None:

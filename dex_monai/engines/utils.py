@@ -154,6 +154,7 @@ def pretrain_dataset(
     transform: Any = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    report_dir: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Any:
     """
@@ -166,12 +167,25 @@ def pretrain_dataset(
         transform: per-slice random transform, e.g. ``dex_monai.transforms.pretrain_2d_augment_transforms``.
         cache_dir: slice cache folder; None keeps slices in memory (every rank decodes its own).
         progress: progress bar while preparing.
-        kwargs: other ``SliceDataset`` arguments (``slice_axis``, ``norm_config``, ``rules``, ``on_error``).
+        report_dir: with ``on_error="skip"``, the skipped units are listed in ``<report_dir>/failed.csv``
+            (path, stage, reason) and logged.
+        kwargs: other ``SliceDataset`` arguments (``slice_axis``, ``norm_config``, ``rules``, ``on_error``: ``"stop"``
+            at the first unusable file, naming it, or ``"skip"`` it and report).
     """
     from dex_monai.data import SliceDataset
+    from dex_monai.data.failures import FAILED_CSV, write_failures
 
     def build() -> Any:
-        return SliceDataset(data, transform=transform, cache_dir=cache_dir, progress=progress and is_rank0(), **kwargs)
+        dataset = SliceDataset(data, transform=transform, cache_dir=cache_dir, progress=progress and is_rank0(), **kwargs)
+        if dataset.failed and is_rank0():
+            logger = logging.getLogger(__name__)
+            logger.warning(f"{len(dataset.failed)} of {len(data)} datalist items skipped (on_error='skip'):")
+            for path, reason in dataset.failed:
+                logger.warning(f"  {path}: {reason}")
+            if report_dir not in (None, ""):
+                rows = [{"path": p, "stage": "prepare", "reason": r} for p, r in dataset.failed]
+                logger.warning(f"  listed in {write_failures(rows, Path(report_dir) / FAILED_CSV)}")
+        return dataset
 
     if not is_dist() or cache_dir is None:
         return build()

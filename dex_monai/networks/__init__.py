@@ -19,3 +19,4 @@ from dex_monai.networks.blocks import (
 from dex_monai.networks.nets import DEXClassifier, DEXMaskedAutoEncoder, DEXUNETR, DEXViT, patchify, unpatchify
 from dex_monai.networks import convert
 from dex_monai.networks.convert import ConversionReport, export_to_monai, load_encoder_weights
+from dex_monai.networks.kernel import adapt_patch_kernel

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from dex_monai.networks.kernel import adapt_patch_kernel
 from dex_monai.networks.nets.dex_downstream import DEXClassifier, DEXUNETR
 from dex_monai.networks.nets.dex_mae import DEXMaskedAutoEncoder
 from dex_monai.networks.nets.dex_vit import DEXViT
@@ -34,7 +35,7 @@ __all__ = [
     "read_state_dict",
     "canonical_state_dict",
     "load_encoder_weights",
-    "adapt_patch_embedding",
+    "encoder_of",
     "dex_to_dense_state_dict",
     "export_to_monai",
 ]
@@ -263,7 +264,8 @@ def _adapt_to_m4oe(encoder: StateDict, target: DEXViT, report: ConversionReport)
     return out
 
 
-def _encoder_of(model: nn.Module) -> tuple[DEXViT, str]:
+def encoder_of(model: nn.Module) -> tuple[DEXViT, str]:
+    """The DEX encoder of a DEX network and its state-dict prefix (``vit.``, ``encoder.`` or nothing)."""
     if isinstance(model, DEXViT):
         return model, ""
     if isinstance(model, DEXUNETR):
@@ -274,7 +276,12 @@ def _encoder_of(model: nn.Module) -> tuple[DEXViT, str]:
 
 
 def _fill(
-    target_state: Mapping[str, torch.Tensor], source: StateDict, prefix: str, report: ConversionReport, model_name: str
+    target_state: Mapping[str, torch.Tensor],
+    source: StateDict,
+    prefix: str,
+    report: ConversionReport,
+    model_name: str,
+    adapt_input: bool = True,
 ) -> StateDict:
     """Match source tensors (named relative to ``prefix``) against the target's state, recording every outcome."""
     merged: StateDict = {}
@@ -290,13 +297,13 @@ def _fill(
                 "the target keeps its own position embedding."
             )
             continue
-        if key.endswith("patch_embedding.patch_embeddings.weight") and expected.shape != value.shape:
-            adapted = adapt_patch_embedding(value, tuple(expected.shape))
-            if adapted is not None:
-                report.notes.append(
-                    f"{name}: patch embedding {tuple(value.shape)} adapted to {tuple(expected.shape)} "
-                    "(channels summed or spread, 2D kernel inflated along depth and divided by its length)."
-                )
+        if key.endswith("patch_embedding.patch_embeddings.weight") and expected.shape != value.shape and adapt_input:
+            try:
+                adapted, steps = adapt_patch_kernel(value, tuple(expected.shape))
+            except ValueError as e:
+                report.notes.append(f"{name}: not adapted: {e}")
+            else:
+                report.notes.append(f"{name}: {tuple(value.shape)} -> {tuple(expected.shape)}: " + "; ".join(steps))
                 value = adapted
         if expected.shape != value.shape:
             report.mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs {model_name} {tuple(expected.shape)}")
@@ -306,37 +313,12 @@ def _fill(
     return merged
 
 
-def adapt_patch_embedding(weight: torch.Tensor, target_shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Fit a convolutional patch-embedding kernel to another channel count and/or from 2D to 3D.
-
-    ``[D, C_s, *k_s] -> [D, C_t, *k_t]``: a grey target (``C_t = 1``) takes the sum over source channels (equal to
-    feeding the grey image replicated into every channel); a grey source is spread evenly over ``C_t`` channels. A 2D
-    kernel ``[p, p]`` becomes 3D ``[p_d, p, p]`` by repetition along depth divided by ``p_d``, so a volume constant
-    along depth embeds like the 2D slice (I3D-style inflation). Returns ``None`` when no such rule applies.
-    """
-    if weight.dim() < 4 or len(target_shape) < 4 or weight.shape[0] != target_shape[0]:
-        return None
-    channels_t = target_shape[1]
-    if weight.shape[1] != channels_t:
-        if channels_t == 1:
-            weight = weight.sum(dim=1, keepdim=True)
-        elif weight.shape[1] == 1:
-            weight = weight.repeat(1, channels_t, *([1] * (weight.dim() - 2))) / channels_t
-        else:
-            return None
-    if weight.dim() == 4 and len(target_shape) == 5:
-        if tuple(weight.shape[2:]) != tuple(target_shape[3:]):
-            return None
-        depth = target_shape[2]
-        weight = weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
-    return weight if tuple(weight.shape) == tuple(target_shape) else None
-
-
 def load_encoder_weights(
     model: nn.Module,
     checkpoint: str | os.PathLike | Mapping[str, Any],
     strict: bool = True,
     include_decoder: bool = True,
+    adapt_input: bool = True,
 ) -> ConversionReport:
     """Load a dense or DEX checkpoint into a DEX network's encoder (and an MAE's decoder when present).
 
@@ -345,6 +327,8 @@ def load_encoder_weights(
     expert with the dense MLP; a DEX checkpoint loads directors, experts and routers as they are, so the downstream
     model can be fine-tuned through either (its ``mode``). Parts of the target that no checkpoint could hold
     (UNETR decoder, classifier head; an MAE decoder when the checkpoint has none) are listed as ``newly_initialised``.
+    With ``adapt_input`` a patch kernel of other channels, dimensionality (2D checkpoint, 3D network: inflated along
+    the slicing axis) or size is fitted by :func:`~dex_monai.networks.kernel.adapt_patch_kernel`.
 
     Raises:
         ValueError: when ``strict`` and an encoder tensor is missing, unexpected or of the wrong shape; the message
@@ -354,14 +338,14 @@ def load_encoder_weights(
     state = read_state_dict(checkpoint)
     encoder_sd, decoder_sd, other_sd, notes = canonical_state_dict(state)
     report = ConversionReport(notes=list(notes))
-    encoder, prefix = _encoder_of(model)
+    encoder, prefix = encoder_of(model)
     adapted = _adapt_encoder(encoder_sd, encoder, report)
     if "blocks.0.attn.qkv.bias" not in adapted and "blocks.0.attn.qkv.bias" in encoder.state_dict():
         for i in range(encoder.num_layers):
             adapted.setdefault(f"blocks.{i}.attn.qkv.bias", torch.zeros_like(encoder.blocks[i].attn.qkv.bias))
         report.notes.append("checkpoint has no qkv bias: the target's qkv biases are set to zero.")
     target_state = model.state_dict()
-    merged = _fill(target_state, adapted, prefix, report, type(model).__name__)
+    merged = _fill(target_state, adapted, prefix, report, type(model).__name__, adapt_input)
 
     if isinstance(model, DEXMaskedAutoEncoder) and include_decoder and decoder_sd:
         merged.update(_fill(target_state, decoder_sd, "", report, type(model).__name__))

@@ -46,13 +46,17 @@ class LoadMultiModalImage(Transform):
     Args:
         dtype: data type of the output.
         check: run the checks above.
-        constant_ok: accept constant images (label maps).
+        constant_ok: accept constant images.
+        label: the file is a label map: constant maps are accepted and palette pictures keep their indices.
     """
 
-    def __init__(self, dtype: Any = np.float32, check: bool = True, constant_ok: bool = False) -> None:
+    def __init__(
+        self, dtype: Any = np.float32, check: bool = True, constant_ok: bool = False, label: bool = False
+    ) -> None:
         self._loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=dtype)
         self.check = check
-        self.constant_ok = constant_ok
+        self.constant_ok = constant_ok or label
+        self.label = label
 
     def __call__(
         self,
@@ -66,7 +70,7 @@ class LoadMultiModalImage(Transform):
         if fmt not in ("dicom-series", None) and os.path.isfile(path) and os.path.getsize(path) == 0:
             raise RejectedFile("empty", "0 bytes", path)
         try:
-            reader = reader_for(filename, series_uid=series_uid, npz_key=npz_key, npz_index=npz_index)
+            reader = reader_for(filename, series_uid=series_uid, npz_key=npz_key, npz_index=npz_index, label=self.label)
             img = self._loader(filename, reader=reader)
         except RejectedFile as e:
             raise e.with_path(path)
@@ -94,7 +98,8 @@ class LoadMultiModalImage(Transform):
 class LoadMultiModalImaged(MapTransform):
     """Dictionary version of :class:`LoadMultiModalImage` (the loading transform of every bundle).
 
-    Label maps are loaded with a second instance with ``constant_ok=True`` (an all-background mask is valid).
+    Label maps are loaded by a second instance with ``label=True`` (an all-background mask is valid, palette masks
+    keep their class indices).
 
     The item gives the path in ``key``; optional item entries choose inside the file:
     ``series_uid`` (a DICOM series of a folder), ``npz_key`` and ``npz_index`` (one image of a
@@ -110,10 +115,11 @@ class LoadMultiModalImaged(MapTransform):
         dtype: Any = np.float32,
         check: bool = True,
         constant_ok: bool = False,
+        label: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadMultiModalImage(dtype=dtype, check=check, constant_ok=constant_ok)
+        self.loader = LoadMultiModalImage(dtype=dtype, check=check, constant_ok=constant_ok, label=label)
         self.series_uid_key = series_uid_key
         self.npz_key_key = npz_key_key
         self.npz_index_key = npz_index_key

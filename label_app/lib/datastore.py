@@ -34,19 +34,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]*$")
 
 
 def is_dicom_series(path: Path) -> bool:
-    """A folder whose files are DICOM files (``*.dcm``, or extension-less files with the DICM preamble)."""
-    if not path.is_dir() or path.name.startswith(".") or path.name == "labels":
-        return False
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if not files:
-        return False
-    if any(p.suffix.lower() == ".dcm" for p in files):
-        return True
-    try:
-        with open(files[0], "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
+    """A folder holding DICOM files (``dex_monai.data.readers.is_dicom_series_folder``, the one definition), other
+    than the labels folder."""
+    from dex_monai.data.readers import is_dicom_series_folder
+
+    return Path(path).name != "labels" and is_dicom_series_folder(path)
 
 
 _PICTURES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -98,6 +90,8 @@ def convert_dicom_series(folder: Path, out: Path) -> Path:
         return out
     import itk
 
+    from dex_monai.data.readers import check_dicom_series
+
     out.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"converting DICOM series {folder} -> {out}")
     try:
@@ -108,6 +102,7 @@ def convert_dicom_series(folder: Path, out: Path) -> Path:
         if len(uids) > 1:
             logger.warning(f"{folder} holds {len(uids)} DICOM series; using the first ({uids[0]})")
         files = names.GetFileNames(uids[0])
+        check_dicom_series(folder, files)  # a gap or uneven spacing is refused, not read with wrong geometry
         image = itk.imread([str(f) for f in files]) if len(files) > 1 else itk.imread(str(files[0]))
     except Exception as e:
         raise ValueError(f"cannot read the DICOM series in {folder}: {e}") from e
