@@ -252,13 +252,15 @@ def _functional_group_measures(ds: Any) -> list[Any]:
     return out
 
 
-def dicom_patient_affine(ds: Any, spacing: Sequence[float]) -> np.ndarray | None:
+def dicom_patient_affine(ds: Any, spacing: Sequence[float]) -> np.ndarray:
     """The RAS affine ``[4, 4]`` of a single-frame DICOM slice as a volume ``[X, Y, 1]`` (x = columns, y = rows) from
-    ``ImageOrientationPatient`` / ``ImagePositionPatient``, or None when they are absent. ``spacing`` is
-    ``[x, y]`` or ``[x, y, z]`` (mm); the slice axis is the normal of the plane."""
+    ``ImageOrientationPatient`` / ``ImagePositionPatient`` (when absent, as ITK reads such files: axis-aligned at the
+    origin). ``spacing`` is ``[x, y]`` or ``[x, y, z]`` (mm); the slice axis is the normal of the plane."""
     iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
-    if iop is None or ipp is None or len(iop) != 6 or len(ipp) != 3:
-        return None
+    if iop is None or len(iop) != 6:
+        iop = [1, 0, 0, 0, 1, 0]
+    if ipp is None or len(ipp) != 3:
+        ipp = [0.0, 0.0, 0.0]
     row, col = np.asarray([float(v) for v in iop[:3]]), np.asarray([float(v) for v in iop[3:]])
     lps = np.eye(4)
     lps[:3, 0] = row * float(spacing[0])
@@ -560,9 +562,8 @@ class DicomFileReader(ImageReader):
         }
         if value_range is not None:
             meta[INTENSITY_RANGE] = value_range
-        patient = None if has_frames else dicom_patient_affine(ds, spacing)
-        if patient is not None:  # where the slice lies in the patient: predictions written as [X, Y, 1] keep it
-            meta[PATIENT_AFFINE] = patient
+        if not has_frames:  # where the slice lies in the patient: predictions written as [X, Y, 1] keep it
+            meta[PATIENT_AFFINE] = dicom_patient_affine(ds, spacing)
         return arr, meta
 
 

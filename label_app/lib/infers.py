@@ -33,8 +33,9 @@ class Label2Dd:
         ref = d.get(self.ref_key)
         meta = dict(ref.meta) if isinstance(ref, MetaTensor) else dict(d.get(f"{self.ref_key}_meta_dict") or {})
         pred = restore_spatial_shape(d[self.key], meta)
+        affine = pred.affine if isinstance(pred, MetaTensor) else meta.get("original_affine")
         d[self.key] = pred[0] if pred.shape[0] == 1 else pred
-        d[f"{self.key}_meta_dict"] = {"affine": meta.get("original_affine")}
+        d[f"{self.key}_meta_dict"] = {"affine": affine}
         return d
 
 
