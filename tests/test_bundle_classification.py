@@ -67,7 +67,7 @@ def trained(tmp_path_factory, busi) -> dict:
 
 
 def test_datalists(busi, tmp_path):
-    from dex_monai.engines.finetune import classification_datalist
+    from dex_monai.data.datalist import classification_datalist
 
     train = classification_datalist(busi, split="training", max_per_class=5)
     val = classification_datalist(busi, split="validation", max_per_class=5)
@@ -195,7 +195,7 @@ def test_3d_configuration(shared_data):
 def test_init_from_pretraining_bundle_through_director(tmp_path):
     from monai.bundle import ConfigParser
 
-    from dex_monai.engines.finetune import initialise_network
+    from dex_monai.engines.initialise import initialise_network
     from dex_monai.networks import DEXMaskedAutoEncoder
 
     parser = ConfigParser()

@@ -199,7 +199,7 @@ def test_inference_png_nifti_dicom(trained, dataset, tmp_path):
 
 def test_outputs_never_replace_inputs(tmp_path):
     from dex_monai.data.datalist import plan_outputs
-    from dex_monai.engines.finetune import SavePredictiond
+    from dex_monai.transforms import SavePredictiond
 
     items = [{"image": str(tmp_path / "a.png")}, {"image": str(tmp_path / "a_seg.png")}]
     with pytest.raises(ValueError, match="input folder"):

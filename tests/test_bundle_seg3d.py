@@ -314,7 +314,7 @@ def test_checkpoint_errors_are_clear(tmp_path, pretrain_models):
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"bundle_root": str(tmp_path), **NETWORK, "hidden_size": 60, "num_heads": 2})
     net = parser.get_parsed_content("network_def")
-    from dex_monai.engines.finetune import initialise_network
+    from dex_monai.engines.initialise import initialise_network
 
     with pytest.raises(ValueError, match=r"pretrained checkpoint .*model.pt does not fit DEXUNETR[\s\S]*mismatched[\s\S]*cls_token"):
         initialise_network(net, "dex", pretrain_models)

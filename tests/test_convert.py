@@ -190,7 +190,7 @@ def test_2d_rgb_encoder_inflates_into_3d_grey_unetr_along_the_slicing_axis(tmp_p
     """Pre-training slices volumes along the last spatial axis (ExtractSlice axis=2), so a volume constant along that
     axis must embed exactly like its 2D slice (grey replicated into RGB), through every loading path: the network
     loader, the fine-tuning initialisation from a checkpoint file, and the adapter itself."""
-    from dex_monai.engines.finetune import initialise_network
+    from dex_monai.engines.initialise import initialise_network
     from dex_monai.networks import adapt_patch_kernel
 
     source = DEXViT(3, 32, 16, spatial_dims=2, num_layers=4, num_experts=3, **TINY)

@@ -155,7 +155,7 @@ def test_three_channels_grey_rgb_alpha():
     assert torch.equal(EnsureThreeChannel()(rgba), rgba[:3])  # alpha dropped
     grey_alpha = np.random.rand(2, 2, 3).astype(np.float32)
     assert np.array_equal(EnsureThreeChannel()(grey_alpha), np.repeat(grey_alpha[:1], 3, 0))
-    with pytest.raises(ValueError, match="got 5"):
+    with pytest.raises(ValueError, match="cannot turn 5 channels into 3"):
         EnsureThreeChannel()(torch.rand(5, 2, 2))
     assert EnsureThreeChanneld()({"image": grey})["image"].shape == (3, 2, 3)
 
@@ -166,3 +166,32 @@ def test_single_channel_for_3d():
     assert out.shape == (1, 2, 2, 2)
     assert torch.allclose(out[0], 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
     assert EnsureSingleChannel()(torch.rand(1, 2, 2, 2)).shape == (1, 2, 2, 2)
+
+
+def test_one_channel_rule_for_pretraining_and_finetuning():
+    """Fine-tuning's EnsureChannelsd and pre-training's EnsureSingleChannel are one rule: colour -> luma."""
+    from dex_monai.transforms import EnsureChannelsd
+
+    rgb = torch.tensor([[[1.0]], [[0.0]], [[0.0]]])  # pure red
+    grey = EnsureChannelsd("image", channels=1)({"image": rgb})["image"]
+    torch.testing.assert_close(grey, torch.tensor([[[0.299]]]))
+    torch.testing.assert_close(grey, EnsureSingleChannel()(rgb))
+    rgba = torch.rand(4, 2, 2)
+    torch.testing.assert_close(EnsureChannelsd("image", channels=3)({"image": rgba})["image"], rgba[:3])
+
+
+def test_modality_normalized_with_fixed_modality_plain_rule_and_standardisation():
+    """The fine-tuning bundles' normalisation is pre-training's ModalityNormalized with a fixed modality (or a plain
+    rule for non-DEX images) and optional per-channel standardisation."""
+    hu = torch.tensor([[[-200.0, -50.0, 100.0, 400.0, 2000.0]]])
+    out = ModalityNormalized("image", modality="CT")({"image": hu})["image"]
+    torch.testing.assert_close(out, torch.tensor([[[0.0, 0.25, 0.5, 1.0, 1.0]]]))  # window [-200, 400] HU
+    item = ModalityNormalized("image", modality="CT")({"image": hu, "modality": "MR"})["image"]
+    assert not torch.allclose(item, out)  # the item's own modality comes first
+    em = np.array([[[0, 51, 255]]], dtype=np.uint8)
+    ranged = ModalityNormalized("image", modality="range", mean=0.5, std=0.25)({"image": em})["image"]
+    np.testing.assert_allclose(ranged, (np.array([[[0.0, 0.2, 1.0]]]) - 0.5) / 0.25, rtol=1e-6)
+    rgb = torch.full((3, 1, 2), 255.0)
+    std = ModalityNormalized("image", modality="range", mean=[0.5, 0.4, 0.3], std=[0.5, 0.5, 0.5])(
+        {"image": rgb.to(torch.uint8)})["image"]
+    torch.testing.assert_close(std[:, 0, 0], torch.tensor([1.0, 1.2, 1.4]))

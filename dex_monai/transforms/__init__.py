@@ -1,8 +1,10 @@
-"""MONAI transforms for multi-modality DEX pre-training data.
+"""MONAI transforms of DEX, for pre-training and the fine-tuning bundles alike.
 
-Loading (:class:`LoadMultiModalImaged`), modality (:class:`DetectModalityd`), per-modality
-normalisation (:class:`ModalityNormalized`), channels (:class:`EnsureThreeChanneld`,
-:class:`EnsureSingleChanneld`), slicing (:class:`ExtractSliced`, :class:`RandForegroundSliced`),
+Checked loading (:class:`LoadMultiModalImaged`), modality (:class:`DetectModalityd`), per-modality
+normalisation (:class:`ModalityNormalized`), channels (:class:`EnsureChannelsd`, with
+:class:`EnsureThreeChanneld` / :class:`EnsureSingleChanneld` for pre-training), fine-tuning shapes
+(:class:`SqueezeSpatiald`, :class:`PrepareLabeld`, :class:`RestoreSpatialShaped`), writing predictions
+(:class:`SavePredictiond`), slicing (:class:`ExtractSliced`, :class:`RandForegroundSliced`),
 random resized crop with near-black rejection (:class:`RandResizedCropd`), and the ready-made
 pipelines :func:`pretrain_2d_transforms` / :func:`pretrain_3d_transforms`.
 """
@@ -11,6 +13,9 @@ from dex_monai.transforms.crop import RandResizedCrop, RandResizedCropd
 from dex_monai.transforms.intensity import (
     DEFAULT_NORMALIZATION,
     NORMALIZATION_METHODS,
+    PLAIN_METHODS,
+    EnsureChannels,
+    EnsureChannelsd,
     EnsureSingleChannel,
     EnsureSingleChanneld,
     EnsureThreeChannel,
@@ -23,6 +28,7 @@ from dex_monai.transforms.intensity import (
     normalization_config_hash,
     normalize_intensity,
 )
+from dex_monai.transforms.downstream import PrepareLabeld, RestoreSpatialShaped, SqueezeSpatiald, restore_spatial_shape
 from dex_monai.transforms.io import LoadMultiModalImage, LoadMultiModalImaged
 from dex_monai.transforms.modality import DetectModality, DetectModalityd
 from dex_monai.transforms.pipelines import (
@@ -33,6 +39,7 @@ from dex_monai.transforms.pipelines import (
     pretrain_2d_transforms,
     pretrain_3d_transforms,
 )
+from dex_monai.transforms.save import SavePredictiond
 from dex_monai.transforms.slicing import (
     ExtractSlice,
     ExtractSliced,
@@ -45,6 +52,14 @@ from dex_monai.transforms.slicing import (
 __all__ = [
     "DEFAULT_NORMALIZATION",
     "NORMALIZATION_METHODS",
+    "PLAIN_METHODS",
+    "EnsureChannels",
+    "EnsureChannelsd",
+    "PrepareLabeld",
+    "RestoreSpatialShaped",
+    "SavePredictiond",
+    "SqueezeSpatiald",
+    "restore_spatial_shape",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DetectModality",

@@ -24,7 +24,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,9 @@ __all__ = [
     "normalize_intensity",
     "ModalityNormalize",
     "ModalityNormalized",
+    "PLAIN_METHODS",
+    "EnsureChannels",
+    "EnsureChannelsd",
     "EnsureThreeChannel",
     "EnsureThreeChanneld",
     "EnsureSingleChannel",
@@ -229,8 +232,15 @@ def normalize_intensity(
     raise ValueError(f"unknown normalisation method '{method}' (known: {NORMALIZATION_METHODS}).")
 
 
+#: rules that may stand in for a modality name: divide by the stored 8/16-bit range, min-max, nothing
+PLAIN_METHODS = ("range", "minmax", "none")
+
+
 class ModalityNormalize(Transform):
     """Normalise an image of a given modality to ``float32`` in ``[0, 1]`` (see the module table).
+
+    For images of none of the DEX modalities (e.g. electron microscopy) ``modality`` may name a rule of
+    :data:`PLAIN_METHODS` instead: ``"range"`` (divide by the stored 8/16-bit range), ``"minmax"`` or ``"none"``.
 
     Args:
         config: normalisation config: a YAML path, a mapping, or ``None`` for the defaults.
@@ -253,11 +263,17 @@ class ModalityNormalize(Transform):
         intensity_range: Any = None,
         display_referred: bool | None = None,
     ) -> Any:
-        settings = modality_settings(self.config, modality)
         meta = img.meta if isinstance(img, MetaTensor) else {}
         arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         if intensity_range is None:
             intensity_range = meta.get(INTENSITY_RANGE)
+        if str(modality).lower() in PLAIN_METHODS:  # images of none of the DEX modalities (e.g. microscopy)
+            method = str(modality).lower()
+            out = arr.astype(np.float32) if method == "none" else normalize_intensity(
+                arr, method, {}, intensity_range=intensity_range)[0]
+            result, *_ = convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
+            return result
+        settings = modality_settings(self.config, modality)
         if display_referred is None:
             display_referred = bool(meta.get(DISPLAY_REFERRED, arr.dtype == np.uint8))
         if suv is None:
@@ -280,10 +296,12 @@ class ModalityNormalize(Transform):
 
 
 class ModalityNormalized(MapTransform):
-    """Dictionary version of :class:`ModalityNormalize`; the modality is read from ``d[modality_key]``.
+    """Dictionary version of :class:`ModalityNormalize`, for pre-training and the fine-tuning bundles alike.
 
-    A PET item is treated as SUV when ``d[units_key]`` is ``"SUV"``/``"GML"``, ``d["suv"]`` is true,
-    or the DICOM ``Units`` tag says ``GML``.
+    The modality is the item's ``d[modality_key]``, else ``modality`` (fixed by a bundle; a rule of
+    :data:`PLAIN_METHODS` may stand in for it). A PET item is treated as SUV when ``d[units_key]`` is
+    ``"SUV"``/``"GML"``, ``d["suv"]`` is true, or the DICOM ``Units`` tag says ``GML``. With ``mean`` and ``std`` the
+    result is then standardised per channel, ``(x - mean) / std`` (e.g. the ImageNet statistics of 2D pre-training).
     """
 
     def __init__(
@@ -292,86 +310,109 @@ class ModalityNormalized(MapTransform):
         modality_key: str = "modality",
         config: str | os.PathLike | Mapping[str, Any] | None = None,
         units_key: str = "units",
+        modality: str | None = None,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.normalizer = ModalityNormalize(config)
         self.modality_key = modality_key
         self.units_key = units_key
+        self.modality = modality
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+
+    def _standardise(self, img: Any) -> Any:
+        if self.mean is None or self.std is None:
+            return img
+        shape = (-1,) + (1,) * (img.ndim - 1)
+        mean, std = self.mean.reshape(shape if self.mean.numel() > 1 else ()), self.std.reshape(
+            shape if self.std.numel() > 1 else ())
+        if isinstance(img, torch.Tensor):
+            return (img - mean.to(img.device)) / std.to(img.device)
+        return (img - mean.numpy()) / std.numpy()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        modality = d.get(self.modality_key)
+        modality = d.get(self.modality_key) or self.modality
         if modality is None:
-            raise UnknownModalityError(f"ModalityNormalized: the item has no '{self.modality_key}' (run DetectModalityd first).")
+            raise UnknownModalityError(
+                f"ModalityNormalized: the item has no '{self.modality_key}' and no `modality` is set "
+                "(run DetectModalityd first, or fix the modality)."
+            )
         suv: bool | None = None
         if str(d.get(self.units_key, "")).upper() in ("SUV", "GML") or bool(d.get("suv", False)):
             suv = True
         for key in self.key_iterator(d):
-            d[key] = self.normalizer(d[key], modality, suv=suv)
-        return d
-
-
-def _channels(img: Any) -> int:
-    return int(img.shape[0])
-
-
-class EnsureThreeChannel(Transform):
-    """``[C, *spatial]`` -> ``[3, *spatial]`` for 2-D pre-training: grey repeated, RGB kept, alpha dropped.
-
-    ``C`` = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA); other channel counts are an error.
-    """
-
-    def __call__(self, img: Any) -> Any:
-        c = _channels(img)
-        if c == 3:
-            return img
-        if c in (1, 2):
-            return img[:1].repeat(3, *([1] * (img.ndim - 1))) if isinstance(img, torch.Tensor) else np.repeat(img[:1], 3, 0)
-        if c == 4:
-            return img[:3]
-        raise ValueError(f"EnsureThreeChannel: expected 1, 2, 3 or 4 channels, got {c} (shape {tuple(img.shape)}).")
-
-
-class EnsureThreeChanneld(MapTransform):
-    """Dictionary version of :class:`EnsureThreeChannel`."""
-
-    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.converter = EnsureThreeChannel()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
+            d[key] = self._standardise(self.normalizer(d[key], str(modality), suv=suv))
         return d
 
 
 _LUMA = (0.299, 0.587, 0.114)
 
 
-class EnsureSingleChannel(Transform):
-    """``[C, *spatial]`` -> ``[1, *spatial]`` for 3-D pre-training: grey kept, alpha dropped, RGB -> luma."""
+class EnsureChannels(Transform):
+    """``[C, *spatial]`` -> ``[channels, *spatial]``, the one channel rule of pre-training and fine-tuning: an alpha
+    channel is dropped (4 -> 3, 2 -> 1), grey is repeated, colour becomes grey as luma (0.299 R + 0.587 G + 0.114 B).
+    Other channel counts are an error."""
+
+    def __init__(self, channels: int = 3) -> None:
+        self.channels = int(channels)
 
     def __call__(self, img: Any) -> Any:
-        c = _channels(img)
-        if c in (1, 2):
-            return img[:1]
-        if c in (3, 4):
-            w = _LUMA
-            return img[0:1] * w[0] + img[1:2] * w[1] + img[2:3] * w[2]
-        raise ValueError(f"EnsureSingleChannel: expected 1-4 channels, got {c} (shape {tuple(img.shape)}).")
+        c = int(img.shape[0])
+        if c in (2, 4):
+            img, c = img[: c - 1], c - 1
+        if c == self.channels:
+            return img
+        if c == 1:
+            return img.repeat(self.channels, *([1] * (img.ndim - 1))) if isinstance(img, torch.Tensor) else np.repeat(
+                img, self.channels, 0)
+        if c == 3 and self.channels == 1:
+            return img[0:1] * _LUMA[0] + img[1:2] * _LUMA[1] + img[2:3] * _LUMA[2]
+        raise ValueError(
+            f"{type(self).__name__}: cannot turn {int(img.shape[0])} channels into {self.channels} (shape {tuple(img.shape)})."
+        )
 
 
-class EnsureSingleChanneld(MapTransform):
-    """Dictionary version of :class:`EnsureSingleChannel`."""
+class EnsureChannelsd(MapTransform):
+    """Dictionary version of :class:`EnsureChannels`."""
 
-    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection = "image", channels: int = 3, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = EnsureSingleChannel()
+        self.converter = EnsureChannels(channels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+class EnsureThreeChannel(EnsureChannels):
+    """:class:`EnsureChannels` to 3 channels (2-D pre-training): grey repeated, RGB kept, alpha dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+
+
+class EnsureThreeChanneld(EnsureChannelsd):
+    """Dictionary version of :class:`EnsureThreeChannel`."""
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, 3, allow_missing_keys)
+
+
+class EnsureSingleChannel(EnsureChannels):
+    """:class:`EnsureChannels` to 1 channel (3-D pre-training): grey kept, alpha dropped, RGB -> luma."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+class EnsureSingleChanneld(EnsureChannelsd):
+    """Dictionary version of :class:`EnsureSingleChannel`."""
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, 1, allow_missing_keys)

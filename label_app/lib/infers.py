@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 class Label2Dd:
     """
     Last step of a 2D model: the label map ``[1, *spatial]`` gets the study's shape on disk back (a slice stored
-    as ``[H, W, 1]`` keeps its singleton axis, see ``dex_monai.engines.finetune.restore_spatial_shape``), loses its
+    as ``[H, W, 1]`` keeps its singleton axis, see ``dex_monai.transforms.restore_spatial_shape``), loses its
     channel axis, and carries the study's affine for MONAI Label's writer (used for 3-axis outputs, e.g. NIfTI).
     """
 
@@ -26,7 +26,7 @@ class Label2Dd:
         self.key, self.ref_key = key, ref_key
 
     def __call__(self, data):
-        from dex_monai.engines.finetune import restore_spatial_shape
+        from dex_monai.transforms import restore_spatial_shape
         from monai.data import MetaTensor
 
         d = dict(data)
