@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from dex_monai.data.synthetic import make_segmentation_set
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,29 +27,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ENCODER = {"hidden_size": 96, "mlp_dim": 384, "num_layers": 4, "num_heads": 4, "num_experts": 4, "top_k": 2}
 
 
-def make_segmentation_set(folder: Path, count: int, size: int, seed: int) -> None:
-    """Grey PNG images with bright blobs on textured background (``image/``) and their masks (``label/``)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (folder / "image").mkdir(parents=True, exist_ok=True)
-    (folder / "label").mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(count):
-        mask = np.zeros((size, size), dtype=bool)
-        for _ in range(rng.integers(1, 4)):
-            cy, cx = rng.uniform(0.2, 0.8, 2) * size
-            ry, rx = rng.uniform(0.06, 0.18, 2) * size
-            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        background = 60 + 25 * np.sin(xx / rng.uniform(3, 8)) + rng.normal(0, 12, (size, size))
-        image = np.where(mask, 170 + rng.normal(0, 15, (size, size)), background)
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / "image" / f"case_{i:03d}.png")
-        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "label" / f"case_{i:03d}.png")
-
-
 def _bundle(configs: list[str], overrides: dict, log: Path) -> None:
     config_arg = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+    # bundle_root is "." in the bundles (model-zoo style): name the bundle folder when running from the repository
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg,
+           "--bundle_root", str(REPO_ROOT / Path(configs[0]).parent.parent)]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -21,9 +21,9 @@ def bundle_args(overrides: dict) -> list[str]:
 
 
 def run_bundle(configs: list[str], overrides: dict, configs_dir: Path, timeout: int = 600,
-               expect_exit: int = 0) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` from the repository root with the bundle's metadata and logging config; the
-    exit status must be ``expect_exit``."""
+               expect_exit: int = 0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` from inside the bundle (``bundle_root`` is ``.``, as in the model zoo; ``cwd``
+    to run elsewhere) with the bundle's metadata and logging config; the exit status must be ``expect_exit``."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -31,8 +31,8 @@ def run_bundle(configs: list[str], overrides: dict, configs_dir: Path, timeout: 
     config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
            "--meta_file", str(configs_dir / "metadata.json"), "--logging_file", str(configs_dir / "logging.conf")]
-    proc = subprocess.run(cmd + bundle_args(overrides), cwd=str(REPO), env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd + bundle_args(overrides), cwd=str(cwd or configs_dir.parent), env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect_exit, f"exit {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc
 

@@ -10,6 +10,7 @@ in the input's geometry), MLflow records, ``verify_metadata``, ``verify_net_in_o
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -231,6 +232,19 @@ def test_input_files_far_from_output_dir_and_a_fake_png(trained, tmp_path):
     assert Image.open(output / "a" / "b" / "in" / "good_seg.png").size == (40, 48)[::-1]
     (stage, reason), = read_failures(output).values()
     assert stage == "read" and reason.startswith("corrupt") and "fake.png" in proc.stdout + proc.stderr
+
+
+def test_bundle_copied_out_of_the_repository_runs(dataset, tmp_path):
+    """Model-zoo style: ``cp -r bundles/dex_seg2d /tmp/b && cd /tmp/b && python -m monai.bundle run --config_file
+    configs/train.json``; the installed package is used, outputs go into the copy."""
+    copy = tmp_path / "b"
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns("models", "eval", "data", "logs"))
+    overrides = {k: v for k, v in TINY.items()}
+    overrides.update({"dataset_dir": str(dataset), "init": "scratch", "experiment_name": "copied"})
+    run_bundle([str(copy / "configs" / "train.json")], overrides, copy / "configs", cwd=copy)
+    assert (copy / "models" / "model.pt").is_file()
+    _, runs = _mlflow_runs(copy / "eval" / "mlruns.db", "copied")
+    assert len(runs) == 1
 
 
 def test_verify_metadata():

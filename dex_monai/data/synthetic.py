@@ -18,7 +18,7 @@ import numpy as np
 
 from dex_monai.data.modality import MODALITIES, ModalityRules
 
-__all__ = ["SYNTHETIC_FOLDERS", "make_synthetic_dataset", "write_dicom_series"]
+__all__ = ["SYNTHETIC_FOLDERS", "make_segmentation_set", "make_synthetic_dataset", "write_dicom_series"]
 
 #: sub-folder of each modality in the synthetic data set
 SYNTHETIC_FOLDERS: dict[str, str] = {
@@ -263,3 +263,24 @@ def write_dicom_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def make_segmentation_set(folder: str | os.PathLike, count: int, size: int, seed: int) -> None:
+    """Grey PNG images with bright blobs on textured background (``image/``) and their masks (``label/``)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "image").mkdir(parents=True, exist_ok=True)
+    (folder / "label").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(count):
+        mask = np.zeros((size, size), dtype=bool)
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0.2, 0.8, 2) * size
+            ry, rx = rng.uniform(0.06, 0.18, 2) * size
+            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        background = 60 + 25 * np.sin(xx / rng.uniform(3, 8)) + rng.normal(0, 12, (size, size))
+        image = np.where(mask, 170 + rng.normal(0, 15, (size, size)), background)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / "image" / f"case_{i:03d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "label" / f"case_{i:03d}.png")

@@ -11,7 +11,7 @@ from dex_monai.engines.checkpoint import (
     list_checkpoints,
     save_network_weights,
 )
-from dex_monai.engines.handlers import (
+from dex_monai.handlers import (
     TRACKING_ARTIFACTS,
     TRACKING_METRICS,
     CosineScheduleHandler,
@@ -24,7 +24,6 @@ from dex_monai.engines.handlers import (
     SamplerEpochHandler,
     add_tracking_artifact,
     add_tracking_metrics,
-    default_run_name,
     plot_usage,
     usage_to_json,
 )

@@ -27,7 +27,7 @@ from monai.engines import SupervisedEvaluator
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from dex_monai.data.failures import FAILED_CSV, FAILURE_KEY, describe_failure, write_failures
-from dex_monai.engines.handlers import add_tracking_artifact, add_tracking_metrics
+from dex_monai.handlers.tracking import add_tracking_artifact, add_tracking_metrics
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:

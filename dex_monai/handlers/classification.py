@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from dex_monai.engines.batch import stack_pred_label
-from dex_monai.engines.handlers import add_tracking_artifact, add_tracking_metrics
+from dex_monai.handlers.tracking import add_tracking_artifact, add_tracking_metrics
 from dex_monai.engines.utils import is_rank0
 from dex_monai.handlers.utils import gather_objects, output_items
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from dex_monai.engines.handlers import add_tracking_artifact
+from dex_monai.handlers.tracking import add_tracking_artifact
 from dex_monai.engines.utils import is_rank0
 from dex_monai.handlers.utils import output_items
 
