@@ -1,6 +1,7 @@
 # Copyright (c) the dex_monai contributors.
 # Licensed under the Apache License, Version 2.0.
-"""Training engines, handlers, schedules and checkpointing of DEX (used by the bundles under ``bundles/``)."""
+"""Training engines, checkpointing and schedules of DEX (used by the bundles under ``bundles/``); the handlers live in
+:mod:`dex_monai.handlers` and are re-exported here for older configs."""
 
 from dex_monai.engines.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -11,21 +12,20 @@ from dex_monai.engines.checkpoint import (
     list_checkpoints,
     save_network_weights,
 )
-from dex_monai.handlers import (
-    TRACKING_ARTIFACTS,
-    TRACKING_METRICS,
+from dex_monai.handlers.progress import ProgressBarHandler, SamplerEpochHandler
+from dex_monai.handlers.routing import RoutingStatsHandler, plot_usage, usage_to_json
+from dex_monai.handlers.schedules import (
     CosineScheduleHandler,
-    DEXMLFlowHandler,
     GEMAMomentumScheduleHandler,
     LossWeightScheduleHandler,
-    ProgressBarHandler,
     RouterNoiseScheduleHandler,
-    RoutingStatsHandler,
-    SamplerEpochHandler,
+)
+from dex_monai.handlers.tracking import (
+    TRACKING_ARTIFACTS,
+    TRACKING_METRICS,
+    DEXMLFlowHandler,
     add_tracking_artifact,
     add_tracking_metrics,
-    plot_usage,
-    usage_to_json,
 )
 from dex_monai.engines.inference import (
     FailureReportHandler,
