@@ -1,6 +1,6 @@
 # Copyright (c) the dex_monai contributors.
 # Licensed under the Apache License, Version 2.0.
-"""Analysis of trained DEX models: emergent modularity of the routing (pure array functions)."""
+"""Analysis of trained DEX models: emergent modularity of the routing (array statistics in :mod:`.modularity`, figures in :mod:`.plots`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from .modularity import (
     expert_usage_from_json,
     expert_usage_to_json,
     linear_probe_modality_accuracy,
+    modality_expert_counts,
     modality_expert_nmi,
-    plot_expert_usage_grid,
-    plot_modality_expert_heatmaps,
 )
+from .plots import plot_expert_usage_grid, plot_modality_expert_heatmaps
 
 __all__ = [
     "LinearProbeResult",
@@ -23,6 +23,7 @@ __all__ = [
     "expert_usage_from_json",
     "expert_usage_to_json",
     "linear_probe_modality_accuracy",
+    "modality_expert_counts",
     "modality_expert_nmi",
     "plot_expert_usage_grid",
     "plot_modality_expert_heatmaps",

@@ -147,19 +147,20 @@ class RoutingStatsHandler:
         return names, layers
 
     def _count(self, names: list[str], layers: list[torch.Tensor]) -> dict[str, np.ndarray]:
-        experts = self.num_experts() or [int(idx.max()) + 1 for idx in layers]
-        width = max(experts) if experts else 0
-        local: dict[str, np.ndarray] = {}
+        """``{modality: [L, E_max]}`` choice counts, from :func:`dex_monai.analysis.modality_expert_counts`."""
+        from dex_monai.analysis.modularity import modality_expert_counts
+
         if not layers:
-            return local
-        labels = np.asarray(names)
-        for name in sorted(set(names)):
-            rows = torch.from_numpy(np.nonzero(labels == name)[0])
+            return {}
+        labels, experts, tables = modality_expert_counts([idx.numpy() for idx in layers], names,
+                                                         self.num_experts() or None)
+        width = max(experts)
+        local: dict[str, np.ndarray] = {}
+        for m, name in enumerate(labels):
             table = np.zeros((len(layers), width), dtype=np.int64)
-            for layer, idx in enumerate(layers):
-                chosen = idx.index_select(0, rows).reshape(-1)
-                table[layer] = torch.bincount(chosen, minlength=width)[:width].numpy()
-            local[name] = table
+            for layer, counts in enumerate(tables):
+                table[layer, : counts.shape[1]] = counts[m]
+            local[str(name)] = table
         return local
 
     def _merge(self, tables: Mapping[str, np.ndarray]) -> None:
@@ -267,7 +268,7 @@ def usage_to_json(usage: Mapping[str, np.ndarray], num_experts: Sequence[int]) -
 def plot_usage(usage: Mapping[str, np.ndarray], path: str | os.PathLike, title: str | None = None) -> Path:
     """Heatmap PNG, layers x experts, one panel per modality
     (:func:`dex_monai.analysis.modularity.plot_modality_expert_heatmaps`)."""
-    from dex_monai.analysis.modularity import plot_modality_expert_heatmaps
+    from dex_monai.analysis.plots import plot_modality_expert_heatmaps
 
     plot_modality_expert_heatmaps(dict(usage), path, title=title)
     return Path(path)
