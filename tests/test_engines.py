@@ -269,3 +269,23 @@ def test_load_pretrain_datalist(tmp_path):
     (tmp_path / "real" / "scan.png").write_bytes(b"")
     with pytest.raises(ValueError, match="no datalist.json"):
         load_pretrain_datalist(None, tmp_path / "real")  # never writes the generated set into real data
+
+
+def test_m4oe_expert_stage_reads_the_configured_modality_key():
+    """The trainer hands the batch's modalities to the M4oE layers from its own ``modality_key``."""
+    from dex_monai.networks import DEXMaskedAutoEncoder
+
+    mae = DEXMaskedAutoEncoder(3, 16, 8, spatial_dims=2, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2,
+                               decoder_hidden_size=16, decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2,
+                               mlp_type="m4oe", modalities=("CT", "MR"), m4oe_stage="expert")
+    seen = []
+    layer = mae.encoder.m4oe_layers()[0]
+    original = layer.set_modality_ids
+    layer.set_modality_ids = lambda ids: (seen.append(None if ids is None else list(ids)), original(ids))[1]
+    data = [{"image": torch.rand(3, 16, 16), "scan_type": m} for m in ("MR", "CT")]
+    trainer = DEXPretrainTrainer(
+        device="cpu", max_epochs=1, train_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
+        network=mae, optimizer=torch.optim.SGD(mae.parameters(), lr=0.01), modality_key="scan_type", decollate=False,
+    )
+    trainer.run()
+    assert seen == [["MR", "CT"]]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dex_monai.engines.gm_coord import GMCoordHandler, GMCoordLoss, gm_coefficient
+from dex_monai.handlers import GMCoordHandler
+from dex_monai.losses import GMCoordLoss, gm_coefficient
 from dex_monai.networks import DEXMaskedAutoEncoder, DEXUNETR, DEXViT, ModalityExpertLayer, load_encoder_weights
 
 TINY = dict(hidden_size=48, mlp_dim=96, num_heads=4)

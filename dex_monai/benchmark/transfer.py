@@ -9,9 +9,13 @@ Protocol (the paper's, at a size a laptop can run and a GPU can scale):
 3. measure emergent modularity: per layer which experts each modality uses, the normalised mutual information
    between modality and expert choice, and for every encoder a linear probe's modality accuracy on its features.
 
-Every pre-training and fine-tuning run is logged to one MLflow experiment; a summary run holds the table (markdown,
-CSV) and the figures. 2D encoders initialise 3D tasks through :func:`~dex_monai.networks.kernel.adapt_patch_kernel` (inflated along the slicing axis)
-(kernels inflated along depth).
+Training goes through the shipped engines, as the bundles do: pre-training through
+:class:`~dex_monai.engines.DEXPretrainTrainer` with the bundle's schedule handlers (GEMA momentum, router noise) and
+warm-up + cosine learning rate; fine-tuning through MONAI's ``SupervisedTrainer`` (with UMD's GM-Coord handler when
+asked). This module only orchestrates. Every pre-training and fine-tuning run is logged to one MLflow experiment
+(:class:`~dex_monai.handlers.DEXMLFlowHandler`); a summary run holds the table (markdown, CSV) and the figures. 2D
+encoders initialise 3D tasks through :func:`~dex_monai.networks.kernel.adapt_patch_kernel` (inflated along the slicing
+axis).
 """
 
 from __future__ import annotations
@@ -20,77 +24,30 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from dex_monai.networks import DEXClassifier, DEXMaskedAutoEncoder, DEXUNETR, load_encoder_weights
+from dex_monai.benchmark.config import BenchmarkConfig
+from dex_monai.benchmark.tasks import (
+    TASKS,
+    Task,
+    TaskData,
+    collect_pretraining_pools,
+    draw_images,
+)
+from dex_monai.networks import (
+    DEXUNETR,
+    DEXClassifier,
+    DEXMaskedAutoEncoder,
+    load_encoder_weights,
+)
 
-__all__ = ["BenchmarkConfig", "INITS", "Task", "TASKS", "run_transfer_benchmark", "build_pretraining_images"]
-
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-@dataclass
-class BenchmarkConfig:
-    """Sizes and steps of one benchmark run; every field is a command-line flag of ``scripts/transfer_benchmark.py``."""
-
-    data_root: str = "../shared/data"
-    out_dir: str = "outputs/transfer_benchmark"
-    tracking_uri: str | None = None
-    experiment: str = "dex-transfer-benchmark"
-    tasks: Sequence[str] = ("busi_cls", "pneumonia_cls", "em_membrane_seg", "hippocampus_seg3d")
-    inits: Sequence[str] = ("dex", "dense", "none")
-    dex_finetune_mode: str = "experts"
-    gm_coord: bool = False
-    gm_coord_alpha: float = 0.5
-    umd_feature_weight: float = 1.0
-    img_size: int = 64
-    volume_size: int = 32
-    patch_size: int = 8
-    hidden_size: int = 96
-    mlp_dim: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_experts: int = 4
-    top_k: int = 2
-    decoder_hidden_size: int = 64
-    decoder_num_layers: int = 1
-    pretrain_steps: int = 600
-    pretrain_batch: int = 32
-    pretrain_lr: float = 1e-3
-    lambda_co: float = 0.01
-    lambda_bal: float = 0.01
-    pretrain_images_per_modality: int = 300
-    finetune_steps: int = 150
-    finetune_batch: int = 16
-    finetune_lr: float = 3e-4
-    warmup_fraction: float = 0.1
-    max_train: int = 400
-    max_eval: int = 200
-    probe_images_per_modality: int = 60
-    seed: int = 0
-    threads: int = 0
-    extra_pretrain_options: dict = field(default_factory=dict)
-
-
-@dataclass
-class TaskData:
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
-    num_classes: int
-    spatial_dims: int
-    kind: str  # "classification" | "segmentation"
-    modality: str
-    train_modalities: list[str] | None = None  # per training item, for tasks that mix modalities
+__all__ = ["BenchmarkConfig", "INITS", "Task", "TASKS", "run_transfer_benchmark"]
 
 
 #: initialisation name -> (pre-training kind or None, fine-tuning encoder settings)
@@ -104,273 +61,53 @@ INITS: dict[str, tuple[str | None, dict]] = {
 }
 
 
-@dataclass
-class Task:
-    name: str
-    modality: str
-    kind: str
-    spatial_dims: int
-    loader: Callable[[Path, BenchmarkConfig, np.random.Generator], TaskData]
-    source: str
-
-
 # ----------------------------------------------------------------------------------------------------------- data
-def _resize(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """``[N, C, *S] -> [N, C, *size]``."""
-    kwargs = {} if mode == "nearest" else {"align_corners": False}
-    if mode == "bilinear" and x.dim() == 5:
-        mode = "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, **kwargs)
-
-
-def _to_rgb_normalised(grey01: torch.Tensor) -> torch.Tensor:
-    """``[N, 1 or 3, H, W]`` in [0, 1] -> ImageNet-normalised ``[N, 3, H, W]``."""
-    rgb = grey01.expand(-1, 3, -1, -1) if grey01.shape[1] == 1 else grey01
-    return (rgb - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def _npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark data {path} is missing")
-    with np.load(path, allow_pickle=False) as data:
-        return data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
-
-
-def _split(n: int, eval_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(n)
-    n_eval = max(1, int(round(n * eval_fraction)))
-    return order[n_eval:], order[:n_eval]
-
-
-def _read_png_grey(path: Path, size: int) -> torch.Tensor:
-    from monai.transforms import LoadImage
-
-    img = LoadImage(image_only=True, reader="PILReader", ensure_channel_first=True)(str(path))
-    img = torch.as_tensor(np.asarray(img), dtype=torch.float32)
-    if img.shape[0] >= 3:
-        img = img[:3].mean(0, keepdim=True)
-    img = img[:1] / 255.0
-    # MONAI's PILReader gives [C, W, H]; transpose back to rows x columns
-    img = img.transpose(-1, -2)
-    return _resize(img.unsqueeze(0), (size, size))[0]
-
-
-def load_busi(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    folder = root / "us" / "busi"
-    classes = ["benign", "malignant", "normal"]
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        found = sorted(p for p in (folder / name).glob("*.png") if "_mask" not in p.name)
-        files += found
-        labels += [c] * len(found)
-    if not files:
-        raise FileNotFoundError(f"no BUSI images under {folder}")
-    train_idx, eval_idx = _split(len(files), 0.3, rng)
-    train_idx, eval_idx = train_idx[: cfg.max_train], eval_idx[: cfg.max_eval]
-    load = lambda idx: torch.stack([_read_png_grey(files[i], cfg.img_size) for i in idx])  # noqa: E731
-    y = torch.tensor(labels)
-    return TaskData(
-        _to_rgb_normalised(load(train_idx)), y[train_idx], _to_rgb_normalised(load(eval_idx)), y[eval_idx], 3, 2,
-        "classification", "ultrasound",
-    )
-
-
-def load_pneumonia(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    path = root / "medmnist" / "pneumoniamnist.npz"
-    tx, ty = _npz(path, "train")
-    ex, ey = _npz(path, "test")
-    ti = rng.permutation(len(tx))[: cfg.max_train]
-    ei = rng.permutation(len(ex))[: cfg.max_eval]
-    prep = lambda a: _to_rgb_normalised(_resize(torch.from_numpy(a).float().unsqueeze(1) / 255.0, (cfg.img_size,) * 2))  # noqa: E731
-    return TaskData(prep(tx[ti]), torch.from_numpy(ty[ti]).long(), prep(ex[ei]), torch.from_numpy(ey[ei]).long(), 2, 2,
-                    "classification", "X-ray")
-
-
-def load_em_membranes(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    folder = root / "em" / "isbi2012"
-    images = sorted((folder / "image").glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
-    if not images:
-        raise FileNotFoundError(f"no EM images under {folder / 'image'}")
-    # tiles of 128 x 128 from each 512 x 512 image, resized to the training size
-    xs, ys = [], []
-    for path in images:
-        img = _read_png_grey(path, 512)
-        lab = _read_png_grey(folder / "label" / path.name, 512)
-        for r in range(0, 512, 128):
-            for c in range(0, 512, 128):
-                xs.append(_resize(img[None, :, r : r + 128, c : c + 128], (cfg.img_size,) * 2)[0])
-                # membranes are dark (0) in the ISBI labels: class 1 = membrane
-                tile = _resize(lab[None, :, r : r + 128, c : c + 128], (cfg.img_size,) * 2, mode="nearest")[0]
-                ys.append((tile < 0.5).long())
-    n_images = len(images)
-    train_images, eval_images = _split(n_images, 0.3, rng)
-    tiles = 16
-    ti = np.concatenate([np.arange(i * tiles, (i + 1) * tiles) for i in train_images])[: cfg.max_train]
-    ei = np.concatenate([np.arange(i * tiles, (i + 1) * tiles) for i in eval_images])[: cfg.max_eval]
-    x, y = torch.stack(xs), torch.stack(ys)
-    return TaskData(_to_rgb_normalised(x[ti]), y[ti], _to_rgb_normalised(x[ei]), y[ei], 2, 2, "segmentation", "pathology")
-
-
-def load_hippocampus(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    from monai.transforms import LoadImage
-
-    folder = root / "mr" / "hippocampus"
-    images = sorted((folder / "imagesTr").glob("*.nii.gz"))
-    if not images:
-        raise FileNotFoundError(f"no hippocampus volumes under {folder / 'imagesTr'}")
-    train_idx, eval_idx = _split(len(images), 0.3, rng)
-    reader = LoadImage(image_only=True, ensure_channel_first=True)
-    from dex_monai.transforms.intensity import ModalityNormalize
-
-    normalise = ModalityNormalize()
-
-    def load(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for i in idx:
-            img = normalise(reader(str(images[i])), "MR")
-            lab = reader(str(folder / "labelsTr" / images[i].name))
-            size = (cfg.volume_size,) * 3
-            xs.append(_resize(torch.as_tensor(np.asarray(img), dtype=torch.float32)[None], size)[0])
-            ys.append(_resize(torch.as_tensor(np.asarray(lab), dtype=torch.float32)[None], size, mode="nearest")[0].long())
-        return torch.stack(xs), torch.stack(ys)
-
-    tx, ty = load(train_idx[: cfg.max_train])
-    ex, ey = load(eval_idx[: cfg.max_eval])
-    return TaskData(tx, ty, ex, ey, 3, 3, "segmentation", "MR")
-
-
-def load_adrenal(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    path = root / "medmnist" / "adrenalmnist3d.npz"
-    tx, ty = _npz(path, "train")
-    ex, ey = _npz(path, "test")
-    ti = rng.permutation(len(tx))[: cfg.max_train]
-    ei = rng.permutation(len(ex))[: cfg.max_eval]
-    prep = lambda a: _resize(torch.from_numpy(a).float().unsqueeze(1) / 255.0, (cfg.volume_size,) * 3)  # noqa: E731
-    return TaskData(prep(tx[ti]), torch.from_numpy(ty[ti]).long(), prep(ex[ei]), torch.from_numpy(ey[ei]).long(), 2, 3,
-                    "classification", "CT")
-
-
-def load_mixed_foreground(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    """Two modalities in one binary segmentation task: MR hippocampus slices and EM membranes (foreground vs rest)."""
-    em = load_em_membranes(root, cfg, np.random.default_rng(cfg.seed))
-    hippo = load_hippocampus(root, BenchmarkConfig(**{**asdict(cfg), "volume_size": cfg.img_size}), rng)
-
-    def slices(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mid = x.shape[-1] // 2
-        return _to_rgb_normalised(x[..., mid]), (y[..., mid] > 0).long()
-
-    hx, hy = slices(hippo.train_x, hippo.train_y)
-    ex_, ey_ = slices(hippo.eval_x, hippo.eval_y)
-    train_x, train_y = torch.cat([em.train_x, hx]), torch.cat([em.train_y, hy])
-    modalities = ["pathology"] * len(em.train_x) + ["MR"] * len(hx)
-    return TaskData(train_x, train_y, torch.cat([em.eval_x, ex_]), torch.cat([em.eval_y, ey_]), 2, 2, "segmentation",
-                    "pathology+MR", train_modalities=modalities)
-
-
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("busi_cls", "ultrasound", "classification", 2, load_busi, "us/busi"),
-        Task("pneumonia_cls", "X-ray", "classification", 2, load_pneumonia, "medmnist/pneumoniamnist.npz"),
-        Task("em_membrane_seg", "pathology", "segmentation", 2, load_em_membranes, "em/isbi2012"),
-        Task("hippocampus_seg3d", "MR", "segmentation", 3, load_hippocampus, "mr/hippocampus"),
-        Task("adrenal_cls3d", "CT", "classification", 3, load_adrenal, "medmnist/adrenalmnist3d.npz"),
-        Task("mixed_seg2d", "pathology+MR", "segmentation", 2, load_mixed_foreground, "em/isbi2012 + mr/hippocampus"),
-    )
-}
-
-
-def collect_pretraining_pools(root: Path, cfg: BenchmarkConfig) -> dict[str, list[torch.Tensor]]:
-    """Every usable multi-modality 2D pre-training image, per modality, as ``[1, S, S]`` tensors in [0, 1].
-
-    CT and MR volumes are sliced (slices with under 5 % foreground dropped) and normalised per modality (CT window
-    [-200, 400] HU, MR 1st-99th percentile); 8-bit images are divided by 255. Images of the downstream evaluation
-    splits are not used: hippocampus and ISBI contribute only files outside the evaluation split of the same seed,
-    MedMNIST only its training split.
-    """
-    from monai.transforms import LoadImage
-
-    from dex_monai.transforms.intensity import ModalityNormalize
-
-    normalise = ModalityNormalize()
-    reader = LoadImage(image_only=True, ensure_channel_first=True)
-    size = (cfg.img_size, cfg.img_size)
-    pools: dict[str, list[torch.Tensor]] = {}
-
-    def add(modality: str, grey01: torch.Tensor) -> None:
-        pools.setdefault(modality, []).append(_resize(grey01[None], size)[0])
-
-    def add_volume(path: Path, modality: str, every: int = 1) -> None:
-        vol = torch.as_tensor(np.asarray(normalise(reader(str(path)), modality)), dtype=torch.float32)[0]
-        for z in range(0, vol.shape[-1], every):
-            sl = vol[..., z]
-            if (sl > 0.05).float().mean() >= 0.05:
-                add(modality, sl[None])
-
-    for name in ("example_ct.nii.gz", "example_ct_sm.nii.gz"):
-        if (root / "ct" / "totalseg_nifti" / name).is_file():
-            add_volume(root / "ct" / "totalseg_nifti" / name, "CT")
-    hippo = sorted((root / "mr" / "hippocampus" / "imagesTr").glob("*.nii.gz"))
-    train_hippo = _split(len(hippo), 0.3, np.random.default_rng(cfg.seed))[0] if hippo else []
-    for i in list(train_hippo)[:12]:
-        add_volume(hippo[i], "MR", every=3)
-    if (root / "mr" / "totalseg_nifti" / "example_mr_sm.nii.gz").is_file():
-        add_volume(root / "mr" / "totalseg_nifti" / "example_mr_sm.nii.gz", "MR")
-    for npz, modality in (("pneumoniamnist.npz", "X-ray"), ("breastmnist.npz", "ultrasound")):
-        path = root / "medmnist" / npz
-        if path.is_file():
-            images, _ = _npz(path, "train")
-            limit = 4 * max(cfg.pretrain_images_per_modality, cfg.probe_images_per_modality)
-            for i in np.random.default_rng(cfg.seed).permutation(len(images))[:limit]:
-                add(modality, torch.from_numpy(images[i]).float()[None] / 255.0)
-    em = sorted((root / "em" / "isbi2012" / "image").glob("*.png"))
-    if em:
-        train_em, _ = _split(len(em), 0.3, np.random.default_rng(cfg.seed))
-        for i in train_em:
-            img = _read_png_grey(em[i], 512)
-            for r in range(0, 512, 128):
-                for c in range(0, 512, 128):
-                    add("pathology", img[:, r : r + 128, c : c + 128])
-    if not pools:
-        raise FileNotFoundError(f"no pre-training images found under {root}")
-    return pools
-
-
-def draw_images(
-    pools: dict[str, list[torch.Tensor]], rng: np.random.Generator, per_modality: int
-) -> tuple[torch.Tensor, list[str]]:
-    """Up to ``per_modality`` images of each modality: ImageNet-normalised ``[N, 3, S, S]`` and modality names."""
-    xs, modalities = [], []
-    for modality, items in sorted(pools.items()):
-        picks = rng.permutation(len(items))[:per_modality]
-        xs += [items[i] for i in picks]
-        modalities += [modality] * len(picks)
-    return _to_rgb_normalised(torch.stack(xs)), modalities
-
-
-def build_pretraining_images(
-    root: Path, cfg: BenchmarkConfig, rng: np.random.Generator, per_modality: int
-) -> tuple[torch.Tensor, list[str]]:
-    """:func:`collect_pretraining_pools` then :func:`draw_images`."""
-    return draw_images(collect_pretraining_pools(root, cfg), rng, per_modality)
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * progress))
+def _mlflow_handler(cfg: BenchmarkConfig, mlflow, name: str, tags: dict, params: dict, output_transform=None):
+    """The bundles' MLflow handler for one run of the benchmark (kept open: the caller adds the results, then closes
+    it), logging every 10th iteration; None without tracking."""
+    if not mlflow:
+        return None
+    from dex_monai.engines import output_scalars
+    from dex_monai.handlers import DEXMLFlowHandler
+
+    return DEXMLFlowHandler(
+        tracking_uri=mlflow.get_tracking_uri(), experiment_name=cfg.experiment, run_name=name,
+        output_transform=output_transform or output_scalars, iteration_log=lambda engine, it: it % 10 == 1,
+        epoch_log=False, tags=tags, close_on_complete=False,
+        config=({k: str(v)[:240] for k, v in params.items()},) * 2,
+    )
 
 
-def _cosine_ramp(step: int, total: int, start: float, end: float) -> float:
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+def _finish_mlflow(handler, metrics: dict[str, float]) -> None:
+    if handler is None or handler.cur_run is None:
+        return
+    for key, value in metrics.items():
+        if not math.isnan(float(value)):
+            handler.client.log_metric(handler.run_id, key, float(value))
+    handler.close()
 
 
-def _mlflow_run(mlflow, cfg: BenchmarkConfig, name: str, tags: dict, params: dict):
-    run = mlflow.start_run(run_name=name, tags=tags)
-    mlflow.log_params({k: (str(v)[:240]) for k, v in params.items()})
-    return run
+def _loader(items: list[dict], transform, cfg: BenchmarkConfig, steps: int, batch: int):
+    """``steps`` batches of ``batch`` items drawn with replacement (seeded), as the benchmark samples."""
+    from monai.data import DataLoader, Dataset
+    from torch.utils.data import RandomSampler
+
+    sampler = RandomSampler(items, replacement=True, num_samples=steps * batch,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(Dataset(items, transform=transform), batch_size=batch, sampler=sampler, num_workers=0)
+
+
+def _schedule(optimizer, cfg: BenchmarkConfig, steps: int):
+    from monai.handlers import LrScheduleHandler
+
+    from dex_monai.engines.schedules import warmup_cosine_scheduler
+
+    warmup = max(1, int(cfg.warmup_fraction * steps))
+    return LrScheduleHandler(warmup_cosine_scheduler(optimizer, total_steps=steps, warmup_steps=warmup),
+                             print_lr=False, epoch_level=False)
 
 
 def _pretrain_options(kind: str, cfg: BenchmarkConfig, modality_names: Sequence[str]) -> dict:
@@ -389,11 +126,18 @@ def pretrain(
     kind: str, images: torch.Tensor, cfg: BenchmarkConfig, mlflow, tags: dict, out_dir: Path,
     modalities: Sequence[str] = (),
 ) -> tuple[DEXMaskedAutoEncoder, Path]:
-    """Pre-train an MAE of ``kind`` (``dex``, ``dense``, ``dex_umd``, ``m4oe``) on ``images`` ``[N, 3, S, S]``.
+    """Pre-train an MAE of ``kind`` (``dex``, ``dense``, ``dex_umd``, ``m4oe``) on ``images`` ``[N, 3, S, S]`` with
+    the pre-training bundle's engine and handlers (loss ``mae + feature + lambda_co * alignment + lambda_bal *
+    balance``, clipping, non-finite steps skipped, GEMA momentum 0.99 -> 0.999 and router noise 1 -> 0 by cosine).
 
     ``modalities`` names every image's modality (M4oE trains each expert on its own modality). Returns the model and
     its checkpoint path.
     """
+    from monai.transforms import RandFlipd
+
+    from dex_monai.engines import DEXPretrainTrainer
+    from dex_monai.handlers import GEMAMomentumScheduleHandler, RouterNoiseScheduleHandler
+
     torch.manual_seed(cfg.seed)
     modality_names = sorted(set(modalities))
     model = DEXMaskedAutoEncoder(
@@ -405,46 +149,24 @@ def pretrain(
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.pretrain_lr,
                                   weight_decay=0.05, betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    warmup = max(1, int(cfg.warmup_fraction * cfg.pretrain_steps))
-    model.train()
-    _ = _mlflow_run(mlflow, cfg, f"pretrain-{kind}", {**tags, "stage": "pretrain", "init": kind},
-                      {**asdict(cfg), "stage": "pretrain", "init": kind}) if mlflow else None
-    skipped = 0
-    for step in tqdm(range(cfg.pretrain_steps), desc=f"pre-train {kind}", leave=False):
-        lr = _cosine_lr(step, cfg.pretrain_steps, cfg.pretrain_lr, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.set_schedule_values(
-            gema_momentum=_cosine_ramp(step, cfg.pretrain_steps, 0.99, 0.999),
-            noise_std=_cosine_ramp(step, cfg.pretrain_steps, 1.0, 0.0),
-        )
-        idx = torch.randint(0, images.shape[0], (cfg.pretrain_batch,), generator=generator)
-        batch = images[idx]
-        if torch.rand((), generator=generator) < 0.5:
-            batch = batch.flip(-1)
-        if kind == "m4oe":
-            model.encoder.set_modality_ids([modalities[i] for i in idx.tolist()])
-        _, out = model(batch)
-        loss = out["mae"] + out["feature"] + cfg.lambda_co * out["alignment"] + cfg.lambda_bal * out["balance"]
-        if not torch.isfinite(loss):
-            skipped += 1
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if mlflow and (step % 10 == 0 or step == cfg.pretrain_steps - 1):
-            mlflow.log_metrics({"loss": float(loss), "mae_loss": float(out["mae"]), "feature_loss": float(out["feature"]),
-                                "alignment_loss": float(out["alignment"]), "balance_loss": float(out["balance"]),
-                                "lr": lr}, step=step)
+    items = [{"image": images[i], "modality": modalities[i] if modalities else "unknown"} for i in range(len(images))]
+    flip = RandFlipd("image", prob=0.5, spatial_axis=-1)
+    flip.set_random_state(seed=cfg.seed)
+    tracking = _mlflow_handler(cfg, mlflow, f"pretrain-{kind}", {**tags, "stage": "pretrain", "init": kind},
+                               {**asdict(cfg), "stage": "pretrain", "init": kind})
+    handlers = [_schedule(optimizer, cfg, cfg.pretrain_steps), GEMAMomentumScheduleHandler(model),
+                RouterNoiseScheduleHandler(model)] + ([tracking] if tracking else [])
+    trainer = DEXPretrainTrainer(
+        device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.pretrain_steps, cfg.pretrain_batch),
+        network=model, optimizer=optimizer, lambda_co=cfg.lambda_co, lambda_bal=cfg.lambda_bal, max_grad_norm=1.0,
+        train_handlers=handlers, decollate=False,
+    )
+    trainer.run()
     if kind == "m4oe":
         model.encoder.set_modality_ids(None)
     path = out_dir / f"pretrain_{kind}.pt"
     torch.save({"model": model.state_dict()}, path)
-    if mlflow:
-        mlflow.log_metric("skipped_steps", skipped)
-        mlflow.end_run()
+    _finish_mlflow(tracking, {"skipped_steps": float(trainer.state.skipped_steps)})
     return model, path
 
 
@@ -504,14 +226,19 @@ def finetune(
     task: Task, data: TaskData, cfg: BenchmarkConfig, init: str, checkpoint: Path | None, mlflow, tags: dict,
     modality_names: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Fine-tune one initialisation on one task and return its held-out metrics (``score`` = AUC or Dice).
+    """Fine-tune one initialisation on one task with MONAI's ``SupervisedTrainer`` (AdamW, warm-up + cosine, gradient
+    clipping, random flips) and return its held-out metrics (``score`` = AUC or Dice).
 
-    With ``cfg.gm_coord`` and a task that mixes modalities, the loss is UMD's GM-Coord (:class:`GMCoordLoss`) and the
-    final per-modality coefficients are returned as ``gm_coef_<modality>``.
+    With ``cfg.gm_coord`` and a task that mixes modalities, the loss is UMD's GM-Coord (:class:`GMCoordLoss`, fed by
+    the bundles' :class:`GMCoordHandler`) and the final per-modality coefficients are returned as ``gm_coef_<modality>``.
     """
+    from monai.engines import SupervisedTrainer
+    from monai.engines.utils import IterationEvents
     from monai.losses import DiceCELoss
+    from monai.transforms import RandFlipd
 
-    from dex_monai.engines.gm_coord import GMCoordLoss
+    from dex_monai.handlers import GMCoordHandler
+    from dex_monai.losses import GMCoordLoss
 
     torch.manual_seed(cfg.seed)
     model = _build_downstream(task, data, cfg, init, modality_names)
@@ -521,45 +248,41 @@ def finetune(
         notes = "; ".join(report.notes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.05)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if data.kind == "segmentation" else torch.nn.CrossEntropyLoss()
+    segmentation = data.kind == "segmentation"
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if segmentation else torch.nn.CrossEntropyLoss()
     coordinated = cfg.gm_coord and data.train_modalities is not None
     if coordinated:
         loss_fn = GMCoordLoss(loss_fn, alpha=cfg.gm_coord_alpha)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    warmup = max(1, int(cfg.warmup_fraction * cfg.finetune_steps))
-    _ = _mlflow_run(mlflow, cfg, f"{task.name}-{init}", {**tags, "stage": "finetune", "init": init, "task": task.name},
-                      {"task": task.name, "init": init, "modality": task.modality, "kind": data.kind,
-                       "spatial_dims": task.spatial_dims, "finetune_steps": cfg.finetune_steps,
-                       "finetune_lr": cfg.finetune_lr, "train_size": len(data.train_x), "eval_size": len(data.eval_x),
-                       "init_notes": notes[:240]}) if mlflow else None
-    model.train()
+    items = [{"image": data.train_x[i], "label": data.train_y[i]} for i in range(len(data.train_x))]
+    if data.train_modalities is not None:
+        for item, modality in zip(items, data.train_modalities):
+            item["modality"] = modality
+    flip = RandFlipd(["image", "label"] if segmentation else "image", prob=0.5, spatial_axis=-1)
+    flip.set_random_state(seed=cfg.seed)
+    tracking = _mlflow_handler(
+        cfg, mlflow, f"{task.name}-{init}", {**tags, "stage": "finetune", "init": init, "task": task.name},
+        {"task": task.name, "init": init, "modality": task.modality, "kind": data.kind, "spatial_dims": task.spatial_dims,
+         "finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr, "train_size": len(data.train_x),
+         "eval_size": len(data.eval_x), "init_notes": notes[:240]},
+        output_transform=lambda out: {"train_loss": float(out["loss"])},
+    )
+    handlers = [_schedule(optimizer, cfg, cfg.finetune_steps)]
+    if coordinated:
+        handlers.append(GMCoordHandler(loss_fn))
+    handlers += [tracking] if tracking else []
+    trainer = SupervisedTrainer(
+        device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.finetune_steps, cfg.finetune_batch),
+        network=model, optimizer=optimizer, loss_function=loss_fn, train_handlers=handlers, decollate=False,
+    )
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
+                              lambda engine: torch.nn.utils.clip_grad_norm_(params, 1.0))
     start = time.perf_counter()
-    for step in tqdm(range(cfg.finetune_steps), desc=f"{task.name} <- {init}", leave=False):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, cfg.finetune_steps, cfg.finetune_lr, warmup)
-        idx = torch.randint(0, data.train_x.shape[0], (cfg.finetune_batch,), generator=generator)
-        x, y = data.train_x[idx], data.train_y[idx]
-        if torch.rand((), generator=generator) < 0.5:
-            x, y = x.flip(-1), (y.flip(-1) if data.kind == "segmentation" else y)
-        if coordinated:
-            loss_fn.set_modalities([data.train_modalities[i] for i in idx.tolist()])
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if mlflow and (step % 10 == 0 or step == cfg.finetune_steps - 1):
-            mlflow.log_metric("train_loss", float(loss), step=step)
-            if coordinated:
-                mlflow.log_metrics({f"gm_coef_{m}": k for m, k in loss_fn.coefficients.items()}, step=step)
+    trainer.run()
     metrics = _evaluate(model, data, cfg.finetune_batch)
     if coordinated:
         metrics.update({f"gm_coef_{m}": k for m, k in loss_fn.coefficients.items()})
     metrics["train_seconds"] = time.perf_counter() - start
-    if mlflow:
-        mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
-        mlflow.end_run()
+    _finish_mlflow(tracking, metrics)
     return metrics
 
 
@@ -625,7 +348,6 @@ def run_transfer_benchmark(cfg: BenchmarkConfig) -> dict:
     mlflow = None
     if cfg.tracking_uri != "none":
         import mlflow as _mlflow
-
         from monai.utils import path_to_sqlite_uri
 
         uri = cfg.tracking_uri or path_to_sqlite_uri(str((out_dir / "mlruns.db").resolve()))

@@ -197,7 +197,7 @@ class DEXPretrainTrainer(SupervisedTrainer):
         encoder = getattr(unwrap_network(engine.network), "encoder", None)
         if encoder is not None and hasattr(encoder, "m4oe_layers") and encoder.m4oe_layers():
             # M4oE expert stage: each image trains its own modality's expert
-            modalities = batchdata.get(PretrainKeys.MODALITY)
+            modalities = batchdata.get(engine.modality_key) if engine.modality_key is not None else None
             encoder.set_modality_ids(list(modalities) if modalities is not None else None)
 
         engine.state.output = output = {}

@@ -4,6 +4,7 @@
 ``schedules``, ``progress``, ``routing`` (expert use), ``overlays``, ``classification``, ``metrics_report``."""
 
 from dex_monai.handlers.classification import ClassificationReportHandler, ClassProbabilityWriter
+from dex_monai.handlers.gm_coord import GMCoordHandler
 from dex_monai.handlers.metrics_report import MetricsReportLabelHandler, label_metric_columns
 from dex_monai.handlers.overlays import PredictionOverlayHandler, draw_overlays
 from dex_monai.handlers.progress import ProgressBarHandler, SamplerEpochHandler
@@ -29,6 +30,7 @@ __all__ = [
     "ClassificationReportHandler",
     "CosineScheduleHandler",
     "DEXMLFlowHandler",
+    "GMCoordHandler",
     "GEMAMomentumScheduleHandler",
     "LossWeightScheduleHandler",
     "MetricsReportLabelHandler",
