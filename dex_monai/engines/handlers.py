@@ -4,18 +4,5 @@
 own module in :mod:`dex_monai.handlers`: ``tracking`` (MLflow and the tracking queue), ``schedules``, ``progress``
 and ``routing``."""
 
-from dex_monai.handlers.progress import ProgressBarHandler, SamplerEpochHandler  # noqa: F401
-from dex_monai.handlers.routing import RoutingStatsHandler, plot_usage, usage_to_json  # noqa: F401
-from dex_monai.handlers.schedules import (  # noqa: F401
-    CosineScheduleHandler,
-    GEMAMomentumScheduleHandler,
-    LossWeightScheduleHandler,
-    RouterNoiseScheduleHandler,
-)
-from dex_monai.handlers.tracking import (  # noqa: F401
-    TRACKING_ARTIFACTS,
-    TRACKING_METRICS,
-    DEXMLFlowHandler,
-    add_tracking_artifact,
-    add_tracking_metrics,
-)
+from dex_monai.handlers import *  # noqa: F401,F403
+from dex_monai.handlers import __all__  # noqa: F401

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 
@@ -50,11 +51,13 @@ def is_dist() -> bool:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    """This process's rank (``ignite.distributed``; 0 when not distributed)."""
+    return idist.get_rank()
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    """The number of processes (``ignite.distributed``; 1 when not distributed)."""
+    return idist.get_world_size()
 
 
 def is_rank0() -> bool:
@@ -62,9 +65,9 @@ def is_rank0() -> bool:
 
 
 def barrier() -> None:
-    """``dist.barrier()`` when distributed, else nothing."""
-    if is_dist():
-        dist.barrier()
+    """``ignite.distributed.barrier()`` when distributed, else nothing."""
+    if get_world_size() > 1:
+        idist.barrier()
 
 
 def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:

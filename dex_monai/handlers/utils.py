@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
-
-from dex_monai.engines.utils import is_dist
 
 __all__ = ["output_items", "gather_objects"]
 
 
 def output_items(output: Any) -> list[Mapping]:
+    """The per-image dicts of an engine output: a decollated list as it is, a batch dict split along its first axis."""
     if isinstance(output, Mapping):
         batch = None
         for value in output.values():
@@ -31,8 +30,7 @@ def output_items(output: Any) -> list[Mapping]:
 
 
 def gather_objects(values: list) -> list:
-    if not is_dist():
+    """The concatenation of ``values`` from every rank (rank order), through ``ignite.distributed``."""
+    if idist.get_world_size() == 1:
         return values
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, values)
-    return [v for part in gathered for v in (part or [])]
+    return [v for part in idist.all_gather(values) for v in (part or [])]
