@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dex_monai.data.readers import IMAGE_SUFFIXES, PIL_FORMATS, image_format, image_stem, is_dicom_series_folder
+from dex_monai.data.readers import (
+    IMAGE_SUFFIXES,
+    PIL_FORMATS,
+    image_format,
+    image_stem,
+    is_dicom_series_folder,
+)
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -27,6 +33,9 @@ __all__ = [
     "OUTPUT_PATH_KEY",
     "load_datalist",
     "list_images",
+    "LABEL_FOLDERS",
+    "match_label",
+    "sibling_label_folders",
     "split_items",
     "segmentation_datalist",
     "classification_datalist",
@@ -149,6 +158,34 @@ def list_images(
 
 
 # ----------------------------------------------------------------------------------------------
+# image / label pairing
+# ----------------------------------------------------------------------------------------------
+#: label folders that sit beside an image folder, by the image folder's name (MSD ``imagesTr``/``labelsTr``...)
+LABEL_FOLDERS = {
+    "imagestr": ("labelsTr",),
+    "imagests": ("labelsTs",),
+    "images": ("labels", "masks"),
+    "image": ("label", "labels", "mask", "masks"),
+    "imgs": ("labels", "masks"),
+}
+
+
+def sibling_label_folders(image_folder: str | os.PathLike) -> list[str]:
+    """The label folders that pair with ``image_folder`` by name (:data:`LABEL_FOLDERS`), whether they exist or not."""
+    parent, leaf = os.path.split(os.path.normpath(os.fspath(image_folder)))
+    return [os.path.join(parent, name) for name in LABEL_FOLDERS.get(leaf.lower(), ())]
+
+
+def match_label(image_name: str, labels: Mapping[str, Any], label_suffix: str = "") -> Any | None:
+    """The label of an image among ``labels`` (``{file name: label}`` of one label folder): the same file name, else
+    the image's stem followed by ``label_suffix`` with any image ending; None when there is none."""
+    if image_name in labels:
+        return labels[image_name]
+    by_stem = {image_stem(name): value for name, value in sorted(labels.items())}
+    return by_stem.get(image_stem(image_name) + label_suffix)
+
+
+# ----------------------------------------------------------------------------------------------
 # splits
 # ----------------------------------------------------------------------------------------------
 def split_items(
@@ -243,13 +280,10 @@ def segmentation_datalist(
     for folder in (images_root, labels_root):
         if not folder.is_dir():
             raise FileNotFoundError(f"segmentation data folder {folder} does not exist.")
-    labels: dict[str, Path] = {}
-    for path in list_images(labels_root, extensions, exclude=(), dicom_series=dicom_series):
-        labels.setdefault(path.name, path)
-        labels.setdefault(image_stem(path.name), path)
+    labels = {path.name: path for path in list_images(labels_root, extensions, exclude=(), dicom_series=dicom_series)}
     items, unpaired = [], []
     for image in list_images(images_root, extensions, exclude=(), dicom_series=dicom_series):
-        label = labels.get(image.name) or labels.get(image_stem(image.name) + label_suffix)
+        label = match_label(image.name, labels, label_suffix)
         if label is None:
             unpaired.append(image.name)
             continue

@@ -29,21 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from dex_monai.data.modality import (
-    LABEL_DICOM_MODALITIES,
-    MODALITIES,
-    MODALITY_INDEX,
-    ModalityRules,
-    modality_from_dicom,
-)
 from dex_monai.data.checks import (
     REJECT_CATEGORIES,
     RejectedFile,
-    check_pixels as check_pixel_values,
     check_slice_positions,
     is_mosaic,
     slice_positions,
 )
+from dex_monai.data.checks import (
+    check_pixels as check_pixel_values,
+)
+from dex_monai.data.datalist import match_label, sibling_label_folders
 from dex_monai.data.describe import (
     DESCRIBERS,
     describe_dicom_dtype,
@@ -53,6 +49,13 @@ from dex_monai.data.describe import (
     read_dicom,
     round_values,
 )
+from dex_monai.data.modality import (
+    LABEL_DICOM_MODALITIES,
+    MODALITIES,
+    MODALITY_INDEX,
+    ModalityRules,
+    modality_from_dicom,
+)
 from dex_monai.data.readers import (
     dicom_pixel_spacing,
     image_format,
@@ -61,13 +64,6 @@ from dex_monai.data.readers import (
 
 __all__ = ["REJECT_CATEGORIES", "RejectedFile", "build_datalist", "write_datalist", "format_summary", "main"]
 
-_IMAGE_DIR_TO_LABEL_DIRS = {
-    "imagestr": ("labelsTr",),
-    "imagests": ("labelsTs",),
-    "images": ("labels", "masks"),
-    "image": ("label", "labels", "mask", "masks"),
-    "imgs": ("labels", "masks"),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,19 +286,22 @@ class _Indexer:
 
     # -- labels ------------------------------------------------------------------------------
     def pair_labels(self) -> None:
-        """Attach ``label`` to images whose label sits in the sibling label folder under the same name."""
-        label_paths = {os.path.normpath(lab["label"]) for lab in self.labels}
-        if not label_paths:
+        """Attach ``label`` to images whose label sits in a sibling label folder (``imagesTr``/``labelsTr``...) under
+        the same name (:func:`dex_monai.data.datalist.match_label`, as the fine-tuning datalists pair them)."""
+        by_folder: dict[str, dict[str, str]] = defaultdict(dict)
+        for lab in self.labels:
+            path = os.path.normpath(lab["label"])
+            by_folder[os.path.dirname(path)][os.path.basename(path)] = path
+        if not by_folder:
             return
         for entry in self.entries:
             if entry["format"] in ("dicom-series", "npz"):
                 continue
             folder, name = os.path.split(entry["image"])
-            parent, leaf = os.path.split(folder)
-            for label_dir in _IMAGE_DIR_TO_LABEL_DIRS.get(leaf.lower(), ()):
-                candidate = os.path.normpath(os.path.join(parent, label_dir, name))
-                if candidate in label_paths:
-                    entry["label"] = candidate
+            for label_folder in sibling_label_folders(folder):
+                label = match_label(name, by_folder.get(os.path.normpath(label_folder), {}))
+                if label is not None:
+                    entry["label"] = label
                     break
 
 
