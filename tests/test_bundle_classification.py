@@ -200,8 +200,8 @@ def test_init_from_pretraining_bundle_through_director(tmp_path):
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"init": "dex"})
-    assert parser.get_parsed_content("pretrained_checkpoint").endswith(os.path.join("bundles", "dex_pretrain", "models"))
+    parser.update({"init": "dex", "bundle_root": str(CONFIGS.parent)})  # the default: the sibling pre-training bundle
+    assert parser.get_parsed_content("pretrained_checkpoint") == str(REPO / "bundles" / "dex_pretrain" / "models")
 
     mae = DEXMaskedAutoEncoder(3, 64, 8, spatial_dims=2, decoder_hidden_size=32, decoder_mlp_dim=64,
                                decoder_num_layers=1, decoder_num_heads=2, **ENCODER)
