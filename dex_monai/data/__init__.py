@@ -8,6 +8,16 @@
 - :func:`make_synthetic_dataset` (small fake data of all modalities).
 """
 
+from dex_monai.data.cache import SliceCache, slice_cache_key, source_signature  # noqa: E402
+from dex_monai.data.checks import RejectedFile  # noqa: E402
+from dex_monai.data.datalist import inference_datalist, plan_outputs  # noqa: E402
+from dex_monai.data.dataset import (  # noqa: E402
+    SliceDataset,
+    expand_datalist,
+    load_datalist,
+    select_entries,
+)
+from dex_monai.data.failures import FailureTolerantDataset, collate_skipping_failures  # noqa: E402
 from dex_monai.data.modality import (
     DEFAULT_LABEL_PATTERNS,
     DICOM_MODALITY_MAP,
@@ -33,11 +43,6 @@ from dex_monai.data.readers import (
     image_format,
     reader_for,
 )
-from dex_monai.data.checks import RejectedFile  # noqa: E402
-from dex_monai.data.datalist import inference_datalist, plan_outputs  # noqa: E402
-from dex_monai.data.failures import FailureTolerantDataset, collate_skipping_failures  # noqa: E402
-from dex_monai.data.cache import SliceCache, slice_cache_key, source_signature  # noqa: E402
-from dex_monai.data.dataset import SliceDataset, expand_datalist, load_datalist, select_entries  # noqa: E402
 from dex_monai.data.sampler import ModalityBalancedSampler  # noqa: E402
 
 __all__ = [

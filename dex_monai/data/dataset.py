@@ -13,9 +13,22 @@ from torch.utils.data import Dataset
 
 from dex_monai.data.cache import SliceCache, slice_cache_key
 from dex_monai.data.checks import RejectedFile, classify_error
-from dex_monai.data.failures import describe_failure
 from dex_monai.data.datalist import load_datalist
-from dex_monai.data.modality import MODALITIES, ModalityRules, canonical_modality, modality_index
+from dex_monai.data.detect import DetectModality
+from dex_monai.data.failures import describe_failure
+from dex_monai.data.loader import LoadMultiModalImage
+from dex_monai.data.modality import (
+    MODALITIES,
+    ModalityRules,
+    canonical_modality,
+    modality_index,
+)
+from dex_monai.data.normalization import (
+    ModalityNormalize,
+    load_normalization_config,
+    normalization_config_hash,
+)
+from dex_monai.data.slicing import slice_volume
 
 __all__ = ["load_datalist", "expand_datalist", "select_entries", "SliceDataset"]
 
@@ -91,10 +104,6 @@ class SliceDataset(Dataset):
         on_error: str = "stop",
         progress: bool = True,
     ) -> None:
-        from dex_monai.transforms.intensity import load_normalization_config, normalization_config_hash
-        from dex_monai.transforms.io import LoadMultiModalImage
-        from dex_monai.transforms.modality import DetectModality
-
         if str(on_error).lower() not in _ON_ERROR:
             raise ValueError(f"on_error must be 'stop' ('raise') or 'skip' ('warn'), got {on_error!r}.")
         self.transform = transform
@@ -135,9 +144,6 @@ class SliceDataset(Dataset):
         return [dict(item)]
 
     def _decode(self, item: Mapping[str, Any], modality: str) -> list[tuple[int, np.ndarray]]:
-        from dex_monai.transforms.intensity import ModalityNormalize
-        from dex_monai.transforms.slicing import slice_volume
-
         normalize = ModalityNormalize(self.norm_config)
         suv = True if str(item.get("units", "")).upper() in ("SUV", "GML") or item.get("suv") else None
         path = os.fspath(item["image"])

@@ -19,9 +19,11 @@ import numpy as np
 from dex_monai.data.checks import (
     ImageDecodeError,
     RejectedFile,
-    check_pixels as check_pixel_values,
     classify_error,
     is_mosaic,
+)
+from dex_monai.data.checks import (
+    check_pixels as check_pixel_values,
 )
 from dex_monai.data.readers import (
     _pil_convert,
@@ -31,7 +33,6 @@ from dex_monai.data.readers import (
     npz_array_info,
     transfer_syntax_description,
 )
-
 
 __all__ = ["DESCRIBERS", "round_values", "describe_dicom_dtype", "dicom_channels", "is_volume_series", "read_dicom", "dicom_pixels"]
 

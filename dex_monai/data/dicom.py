@@ -18,7 +18,13 @@ from monai.data import ITKReader
 from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from dex_monai.data.checks import ImageDecodeError, RejectedFile, check_slice_positions, is_mosaic, slice_positions
+from dex_monai.data.checks import (
+    ImageDecodeError,
+    RejectedFile,
+    check_slice_positions,
+    is_mosaic,
+    slice_positions,
+)
 from dex_monai.data.formats import (
     DICOM_MODALITY,
     DICOM_UNITS,

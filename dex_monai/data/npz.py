@@ -15,7 +15,12 @@ from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from dex_monai.data.checks import ImageDecodeError
-from dex_monai.data.formats import INTENSITY_RANGE, STORED_DTYPE, _stack_images, is_colour_last
+from dex_monai.data.formats import (
+    INTENSITY_RANGE,
+    STORED_DTYPE,
+    _stack_images,
+    is_colour_last,
+)
 
 __all__ = ["npz_array_info", "medmnist_splits", "NpzStackReader"]
 

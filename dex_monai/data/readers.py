@@ -46,6 +46,7 @@ from dex_monai.data.dicom import (
     transfer_syntax_description,
 )
 from dex_monai.data.formats import (
+    _ITK_FORMATS,
     DICOM_MODALITY,
     DICOM_UNITS,
     DISPLAY_REFERRED,
@@ -55,7 +56,6 @@ from dex_monai.data.formats import (
     PIL_FORMATS,
     SOURCE_FORMAT,
     STORED_DTYPE,
-    _ITK_FORMATS,
     _StoredDtypeMixin,
     dicom_files_in,
     image_format,

@@ -10,6 +10,12 @@ pipelines :func:`pretrain_2d_transforms` / :func:`pretrain_3d_transforms`.
 """
 
 from dex_monai.transforms.crop import RandResizedCrop, RandResizedCropd
+from dex_monai.transforms.downstream import (
+    PrepareLabeld,
+    RestoreSpatialShaped,
+    SqueezeSpatiald,
+    restore_spatial_shape,
+)
 from dex_monai.transforms.intensity import (
     DEFAULT_NORMALIZATION,
     NORMALIZATION_METHODS,
@@ -28,7 +34,6 @@ from dex_monai.transforms.intensity import (
     normalization_config_hash,
     normalize_intensity,
 )
-from dex_monai.transforms.downstream import PrepareLabeld, RestoreSpatialShaped, SqueezeSpatiald, restore_spatial_shape
 from dex_monai.transforms.io import LoadMultiModalImage, LoadMultiModalImaged
 from dex_monai.transforms.modality import DetectModality, DetectModalityd
 from dex_monai.transforms.pipelines import (

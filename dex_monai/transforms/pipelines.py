@@ -26,7 +26,11 @@ from monai.utils import ensure_tuple_rep
 
 from dex_monai.data.modality import ModalityRules
 from dex_monai.transforms.crop import RandResizedCropd
-from dex_monai.transforms.intensity import EnsureSingleChanneld, EnsureThreeChanneld, ModalityNormalized
+from dex_monai.transforms.intensity import (
+    EnsureSingleChanneld,
+    EnsureThreeChanneld,
+    ModalityNormalized,
+)
 from dex_monai.transforms.io import LoadMultiModalImaged
 from dex_monai.transforms.modality import DetectModalityd
 from dex_monai.transforms.slicing import RandForegroundSliced
