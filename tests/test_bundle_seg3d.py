@@ -248,6 +248,7 @@ def test_inference_goes_on_past_broken_inputs(trained, hippocampus, tmp_path):
     assert "4 of 6 inputs failed" in log and "4 inputs failed; see the log and failed.csv" in log
     assert "Traceback" not in log
     assert "[1/6]" in log and "[6/6]" in log  # one progress line per input
+    assert "truncated.nii.gz FAILED (read)" in log
 
     client, runs = _mlflow_runs(trained["root"] / "eval" / "mlruns.db", "dex_seg3d")
     run = runs["broken_inputs"]

@@ -11,6 +11,7 @@ non-finite, unsupported, unknown modality, no pixel data, bad geometry.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,7 +175,9 @@ def is_mosaic(ds: Any) -> bool:
     """Whether a DICOM dataset is a Siemens mosaic (a 3-D volume tiled into one frame), per its CSA header."""
     if (0x29, 0x10) not in ds:
         return False
-    from nibabel.nicom import csareader
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM readers are experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import csareader
 
     try:
         return bool(csareader.is_mosaic(csareader.get_csa_header(ds)))

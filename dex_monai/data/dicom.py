@@ -10,6 +10,7 @@ Siemens mosaics (unpacked by nibabel's DICOM wrappers).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -360,7 +361,9 @@ def _read_mosaic(path: str, ds: Any) -> tuple[np.ndarray, dict]:
 
     nibabel gives ``[rows, columns, slices]`` with an LPS affine; the result is ``[X (columns), Y (rows), Z]`` with
     the RAS affine, as the other DICOM readers give."""
-    from nibabel.nicom.dicomwrappers import wrapper_from_data
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM readers are experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom.dicomwrappers import wrapper_from_data
 
     try:
         wrapper = wrapper_from_data(ds)
@@ -391,7 +394,9 @@ def _read_mosaic(path: str, ds: Any) -> tuple[np.ndarray, dict]:
 
 def mosaic_shape_and_spacing(ds: Any) -> tuple[list[int], list[float]]:
     """``([X, Y, Z], [sx, sy, sz])`` of the volume in a Siemens mosaic, from its headers (no pixels)."""
-    from nibabel.nicom.dicomwrappers import wrapper_from_data
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM readers are experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom.dicomwrappers import wrapper_from_data
 
     wrapper = wrapper_from_data(ds)
     rows, cols, slices = (int(v) for v in wrapper.image_shape)

@@ -26,7 +26,12 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from dex_monai.data.failures import FAILED_CSV, FAILURE_KEY, describe_failure, write_failures
+from dex_monai.data.failures import (
+    FAILED_CSV,
+    FAILURE_KEY,
+    describe_failure,
+    write_failures,
+)
 from dex_monai.handlers.tracking import add_tracking_artifact, add_tracking_metrics
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -155,10 +160,13 @@ class InferenceProgressHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         now = time.perf_counter()
-        names = [os.path.basename(n.rstrip("/")) for n in batch_inputs(engine.state.batch, self.image_key)]
-        if not names and isinstance(engine.state.batch, list):  # decollated
-            names = [os.path.basename(n.rstrip("/")) for b in engine.state.batch for n in batch_inputs(b, self.image_key)]
-        what = ", ".join(names) if names else "(no readable input)"
+        batch = engine.state.batch
+        names = [os.path.basename(n.rstrip("/")) for n in batch_inputs(batch, self.image_key)]
+        if not names and isinstance(batch, list):  # decollated
+            names = [os.path.basename(n.rstrip("/")) for b in batch for n in batch_inputs(b, self.image_key)]
+        failed = batch.get(FAILURE_KEY, []) if isinstance(batch, Mapping) else []
+        names += [f"{os.path.basename(f['path'].rstrip('/'))} FAILED ({f['stage']})" for f in failed]
+        what = ", ".join(names) if names else "(nothing)"
         total = engine.state.epoch_length
         self.logger.info(
             f"[{engine.state.iteration}/{total}] {what} ({now - self._iter_start:.1f} s, {now - self._start:.1f} s in all)"
