@@ -153,19 +153,23 @@ def draw_overlays(
     path: str | os.PathLike,
     title: str | None = None,
 ) -> Path:
-    """One row per sample: image, ground truth over the image, prediction over the image."""
+    """One row per sample: image, ground truth over the image (only when some sample has one, e.g. not at inference),
+    prediction over the image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = len(samples)
-    fig = Figure(figsize=(9.0, 3.0 * rows))
+    with_truth = any(label is not None for _, label, _, _ in samples)
+    cols = 3 if with_truth else 2
+    fig = Figure(figsize=(3.0 * cols, 3.0 * rows))
     FigureCanvasAgg(fig)
     for r, (image, label, pred, name) in enumerate(samples):
         origin = "lower" if image.ndim == 4 else "upper"  # RAS volumes: anterior up; pictures: first row on top
         view, label, pred = _display_slice(image, label, pred)
         top = max(1, int(max(np.max(label) if label is not None else 0, np.max(pred) if pred is not None else 0)))
-        for c, (overlay, what) in enumerate(((None, "image"), (label, "ground truth"), (pred, "prediction"))):
-            ax = fig.add_subplot(rows, 3, 3 * r + c + 1)
+        panels = ((None, "image"), (label, "ground truth"), (pred, "prediction"))
+        for c, (overlay, what) in enumerate(p for p in panels if with_truth or p[1] != "ground truth"):
+            ax = fig.add_subplot(rows, cols, cols * r + c + 1)
             ax.imshow(view, cmap=None if view.ndim == 3 else "gray", origin=origin)
             if overlay is not None:
                 masked = np.ma.masked_where(overlay == 0, overlay)
