@@ -6,6 +6,7 @@ modalities) and the multi-modality pre-training images, all read through the pro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,8 +77,13 @@ def _split(n: int, eval_fraction: float, rng: np.random.Generator) -> tuple[np.n
     return order[n_eval:], order[:n_eval]
 
 
+@functools.lru_cache(maxsize=2)
+def _loader(label: bool) -> LoadMultiModalImage:
+    return LoadMultiModalImage(label=label)  # one per kind: MONAI's LoadImage announces its readers when built
+
+
 def _read_png_grey(path: Path, size: int, label: bool = False) -> torch.Tensor:
-    img = LoadMultiModalImage(label=label)(path)
+    img = _loader(label)(path)
     img = torch.as_tensor(np.asarray(img), dtype=torch.float32)
     if img.shape[0] >= 3:
         img = img[:3].mean(0, keepdim=True)
@@ -149,7 +155,7 @@ def load_hippocampus(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator)
     if not images:
         raise FileNotFoundError(f"no hippocampus volumes under {folder / 'imagesTr'}")
     train_idx, eval_idx = _split(len(images), 0.3, rng)
-    reader, label_reader = LoadMultiModalImage(), LoadMultiModalImage(label=True)
+    reader, label_reader = _loader(False), _loader(True)
     from dex_monai.transforms.intensity import ModalityNormalize
 
     normalise = ModalityNormalize()
@@ -221,7 +227,7 @@ def collect_pretraining_pools(root: Path, cfg: BenchmarkConfig) -> dict[str, lis
     from dex_monai.transforms.intensity import ModalityNormalize
 
     normalise = ModalityNormalize()
-    reader = LoadMultiModalImage()
+    reader = _loader(False)
     size = (cfg.img_size, cfg.img_size)
     pools: dict[str, list[torch.Tensor]] = {}
 

@@ -136,7 +136,7 @@ def pretrain(
     from monai.transforms import RandFlipd
 
     from dex_monai.engines import DEXPretrainTrainer
-    from dex_monai.handlers import GEMAMomentumScheduleHandler, RouterNoiseScheduleHandler
+    from dex_monai.handlers import GEMAMomentumScheduleHandler, ProgressBarHandler, RouterNoiseScheduleHandler
 
     torch.manual_seed(cfg.seed)
     modality_names = sorted(set(modalities))
@@ -155,7 +155,8 @@ def pretrain(
     tracking = _mlflow_handler(cfg, mlflow, f"pretrain-{kind}", {**tags, "stage": "pretrain", "init": kind},
                                {**asdict(cfg), "stage": "pretrain", "init": kind})
     handlers = [_schedule(optimizer, cfg, cfg.pretrain_steps), GEMAMomentumScheduleHandler(model),
-                RouterNoiseScheduleHandler(model)] + ([tracking] if tracking else [])
+                RouterNoiseScheduleHandler(model), ProgressBarHandler(("loss", "mae"), desc=f"pre-train {kind}")]
+    handlers += [tracking] if tracking else []
     trainer = DEXPretrainTrainer(
         device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.pretrain_steps, cfg.pretrain_batch),
         network=model, optimizer=optimizer, lambda_co=cfg.lambda_co, lambda_bal=cfg.lambda_bal, max_grad_norm=1.0,
@@ -237,7 +238,7 @@ def finetune(
     from monai.losses import DiceCELoss
     from monai.transforms import RandFlipd
 
-    from dex_monai.handlers import GMCoordHandler
+    from dex_monai.handlers import GMCoordHandler, ProgressBarHandler
     from dex_monai.losses import GMCoordLoss
 
     torch.manual_seed(cfg.seed)
@@ -264,9 +265,9 @@ def finetune(
         {"task": task.name, "init": init, "modality": task.modality, "kind": data.kind, "spatial_dims": task.spatial_dims,
          "finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr, "train_size": len(data.train_x),
          "eval_size": len(data.eval_x), "init_notes": notes[:240]},
-        output_transform=lambda out: {"train_loss": float(out["loss"])},
+        output_transform=lambda out: {"train_loss": float(out["loss"].detach())},
     )
-    handlers = [_schedule(optimizer, cfg, cfg.finetune_steps)]
+    handlers = [_schedule(optimizer, cfg, cfg.finetune_steps), ProgressBarHandler(("loss",), desc=f"{task.name} <- {init}")]
     if coordinated:
         handlers.append(GMCoordHandler(loss_fn))
     handlers += [tracking] if tracking else []
