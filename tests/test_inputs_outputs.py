@@ -301,3 +301,13 @@ def test_gzip_text_is_not_an_image(tmp_path):
     path.write_bytes(gzip.compress(b"hello"))
     with pytest.raises(RejectedFile, match=r"notes\.nii\.gz: (corrupt|truncated)"):
         LoadMultiModalImage()(path)
+
+
+def test_pretraining_stop_keeps_the_kind_of_a_non_read_error(tmp_path):
+    """on_error='stop' names unreadable files as rejections, but an image of unknown modality is not a corrupt file:
+    its own error (UnknownModalityError, naming the file) reaches the user."""
+    from dex_monai.data import SliceDataset, UnknownModalityError
+
+    good = _nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).random((16, 16, 6)).astype(np.float32) * 100)
+    with pytest.raises(UnknownModalityError, match=r"scan\.nii\.gz"):
+        SliceDataset([{"image": str(good)}], progress=False)

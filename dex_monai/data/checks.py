@@ -116,13 +116,12 @@ def check_pixels(arr: Any, path: str | os.PathLike | None = None, constant_ok: b
             raise RejectedFile("constant", f"all pixels are {lo.item() if hasattr(lo, 'item') else lo}", path)
 
 
-def check_spatial_dims(shape: Sequence[int], path: str | os.PathLike | None = None, max_dims: int = 3) -> None:
-    """Reject images with more than ``max_dims`` non-singleton spatial axes (time series, 4-D NIfTI...)."""
-    big = [int(s) for s in shape if int(s) > 1]
-    if len(big) > max_dims:
+def check_spatial_dims(shape: Sequence[int], path: str | os.PathLike | None = None) -> None:
+    """Reject images with an axis beyond the third longer than 1 (time series, 4-D NIfTI...)."""
+    shape = tuple(int(s) for s in shape)
+    if any(s > 1 for s in shape[3:]):
         raise RejectedFile(
-            "unsupported", f"{len(shape)}-D image {tuple(int(s) for s in shape)} (time series?); split it into 3-D volumes",
-            path,
+            "unsupported", f"{len(shape)}-D image {shape} (time series?); split it into 3-D volumes", path
         )
 
 

@@ -34,7 +34,7 @@ __all__ = [
     "load_datalist",
     "list_images",
     "LABEL_FOLDERS",
-    "match_label",
+    "LabelLookup",
     "sibling_label_folders",
     "split_items",
     "segmentation_datalist",
@@ -176,13 +176,22 @@ def sibling_label_folders(image_folder: str | os.PathLike) -> list[str]:
     return [os.path.join(parent, name) for name in LABEL_FOLDERS.get(leaf.lower(), ())]
 
 
-def match_label(image_name: str, labels: Mapping[str, Any], label_suffix: str = "") -> Any | None:
-    """The label of an image among ``labels`` (``{file name: label}`` of one label folder): the same file name, else
-    the image's stem followed by ``label_suffix`` with any image ending; None when there is none."""
-    if image_name in labels:
-        return labels[image_name]
-    by_stem = {image_stem(name): value for name, value in sorted(labels.items())}
-    return by_stem.get(image_stem(image_name) + label_suffix)
+class LabelLookup:
+    """The labels of one label folder (``{file name: label}``), indexed once, and the rule that pairs an image with
+    its label: the same file name, else the image's stem followed by ``label_suffix`` with any image ending (the
+    first label in name order wins a shared stem)."""
+
+    def __init__(self, labels: Mapping[str, Any]) -> None:
+        self.by_name = dict(labels)
+        self.by_stem: dict[str, Any] = {}
+        for name in sorted(self.by_name):
+            self.by_stem.setdefault(image_stem(name), self.by_name[name])
+
+    def find(self, image_name: str, label_suffix: str = "") -> Any | None:
+        """The label of ``image_name``, or None."""
+        if image_name in self.by_name:
+            return self.by_name[image_name]
+        return self.by_stem.get(image_stem(image_name) + label_suffix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,18 +225,22 @@ def split_items(
     return [items[i] for i in range(len(items)) if (i in val) == (split == "validation")]
 
 
-def _json_split(
-    datalist: str | os.PathLike, dataset_dir: Any, split: str, train_key: str, val_key: str, val_fraction: float,
-    seed: int, stratify: Any = None,
-) -> tuple[list[dict], list[dict] | None, Any]:
-    train = _keep_item_keys(load_datalist(datalist, train_key, dataset_dir, missing_ok=True) or [])
+def _json_lists(
+    datalist: str | os.PathLike, dataset_dir: Any, train_key: str, val_key: str
+) -> tuple[list[dict], list[dict] | None]:
+    """The training and (None when absent) validation lists of a JSON datalist, with the fields the bundles read."""
+    train = load_datalist(datalist, train_key, dataset_dir, missing_ok=True) or []
     val = load_datalist(datalist, val_key, dataset_dir, missing_ok=True)
-    val = None if val is None else _keep_item_keys(val)
-    return train, val, lambda items: (
-        {"training": train, "validation": val, "all": train + val}[split]
-        if val is not None
-        else split_items(items, split, val_fraction, seed, key=stratify)
-    )
+    return _keep_item_keys(train), None if val is None else _keep_item_keys(val)
+
+
+def _choose_split(
+    train: list[dict], val: list[dict] | None, split: str, val_fraction: float, seed: int, key: Any = None
+) -> list[dict]:
+    """``split`` of a JSON datalist: its own validation list when it has one, else a split of its training list."""
+    if val is None:
+        return split_items(train, split, val_fraction, seed, key=key)
+    return {"training": train, "validation": val, "all": train + val}[split]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,14 +278,13 @@ def segmentation_datalist(
         max_items: keep the first ``max_items`` of the split (quick runs).
     """
     if datalist not in _NONE:
-        train, val, choose = _json_split(datalist, dataset_dir, split, train_key, val_key, val_fraction, seed)
+        train, val = _json_lists(datalist, dataset_dir, train_key, val_key)
         unlabelled = [i["image"] for i in train + (val or []) if not i.get("label")]
         if unlabelled:
             logger.warning(f"{len(unlabelled)} items of {datalist} have no label and are left out: {unlabelled[:5]}")
-        train[:] = [i for i in train if i.get("label")]
-        if val is not None:
-            val[:] = [i for i in val if i.get("label")]
-        return _cap(choose(train), max_items)
+        train = [i for i in train if i.get("label")]
+        val = None if val is None else [i for i in val if i.get("label")]
+        return _cap(_choose_split(train, val, split, val_fraction, seed), max_items)
     if dataset_dir in (None, ""):
         raise ValueError("either `datalist` or `dataset_dir` must be given.")
     root = Path(dataset_dir)
@@ -280,10 +292,12 @@ def segmentation_datalist(
     for folder in (images_root, labels_root):
         if not folder.is_dir():
             raise FileNotFoundError(f"segmentation data folder {folder} does not exist.")
-    labels = {path.name: path for path in list_images(labels_root, extensions, exclude=(), dicom_series=dicom_series)}
+    labels = LabelLookup(
+        {path.name: path for path in list_images(labels_root, extensions, exclude=(), dicom_series=dicom_series)}
+    )
     items, unpaired = [], []
     for image in list_images(images_root, extensions, exclude=(), dicom_series=dicom_series):
-        label = match_label(image.name, labels, label_suffix)
+        label = labels.find(image.name, label_suffix)
         if label is None:
             unpaired.append(image.name)
             continue
@@ -321,8 +335,7 @@ def classification_datalist(
         max_per_class: keep at most this many images of each class before splitting (quick runs).
     """
     if datalist not in _NONE:
-        stratify = lambda x: x["label"]  # noqa: E731
-        train, val, choose = _json_split(datalist, dataset_dir, split, train_key, val_key, val_fraction, seed, stratify)
+        train, val = _json_lists(datalist, dataset_dir, train_key, val_key)
         names = list(class_names) if class_names else None
         for item in train + (val or []):
             if isinstance(item.get("label"), str):
@@ -330,7 +343,7 @@ def classification_datalist(
                     raise ValueError(f"label {item['label']!r} of {item['image']} is not one of class_names={names}.")
                 item["label"] = names.index(item["label"])
             item["label"] = int(item["label"])
-        return _cap(choose(train), max_items)
+        return _cap(_choose_split(train, val, split, val_fraction, seed, key=lambda x: x["label"]), max_items)
     if dataset_dir in (None, ""):
         raise ValueError("either `datalist` or `dataset_dir` must be given.")
     root = Path(dataset_dir)

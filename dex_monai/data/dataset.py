@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dex_monai.data.cache import SliceCache, slice_cache_key
-from dex_monai.data.checks import RejectedFile, classify_error
+from dex_monai.data.checks import RejectedFile
 from dex_monai.data.datalist import load_datalist
 from dex_monai.data.detect import DetectModality
 from dex_monai.data.failures import describe_failure
@@ -177,13 +177,15 @@ class SliceDataset(Dataset):
                     self.decoded_units += 1
                     manifest = self.cache.put(key, slices, {"image": path, "modality": modality})
             except Exception as e:
-                failure = describe_failure(e, path, stage="prepare")
                 if self.on_error == "stop":
-                    if isinstance(e, RejectedFile):
+                    if isinstance(e, RejectedFile):  # the checked loader's rejections already name the file
                         raise e.with_path(path)
-                    raise classify_error(e, path) from e
-                warnings.warn(f"SliceDataset: skipping {path}: {failure['reason']}", stacklevel=2)
-                self.failed.append((path, failure["reason"]))
+                    if str(path) not in str(e):
+                        e.add_note(f"while preparing {path}")
+                    raise
+                reason = describe_failure(e, path, stage="prepare")["reason"]
+                warnings.warn(f"SliceDataset: skipping {path}: {reason}", stacklevel=2)
+                self.failed.append((path, reason))
                 continue
             pos = len(self._units)
             self._units.append((key, {"filename": path, "modality": modality}))

@@ -19,6 +19,7 @@ import numpy as np
 from dex_monai.data.checks import (
     ImageDecodeError,
     RejectedFile,
+    check_spatial_dims,
     classify_error,
     is_mosaic,
 )
@@ -141,8 +142,7 @@ def _describe_nifti(path: str, check_pixels: bool) -> list[dict]:
         dtype = np.dtype(img.get_data_dtype()).name
     except Exception as e:
         raise classify_error(e) from e
-    if len(shape) > 3 and any(s > 1 for s in shape[3:]):
-        raise RejectedFile("unsupported", f"{len(shape)}-D NIfTI {shape} (time series); split it into 3-D volumes")
+    check_spatial_dims(shape)
     shape = shape[:3]
     if 0 in shape:
         raise RejectedFile("empty", f"shape {shape}")

@@ -26,6 +26,7 @@ __all__ = [
     "FailureTolerantDataset",
     "collate_skipping_failures",
     "write_failures",
+    "failed_paths",
 ]
 
 #: batch / item key under which failures travel
@@ -92,6 +93,11 @@ def collate_skipping_failures(batch: Sequence[Any]) -> dict:
         raise TypeError("collate_skipping_failures expects dictionary items.")
     out[FAILURE_KEY] = failures
     return out
+
+
+def failed_paths(failures: Sequence[Mapping[str, str]]) -> set[str]:
+    """The distinct inputs among failure records (a batch that failed at inference gives one record per input)."""
+    return {record["path"] for record in failures}
 
 
 def write_failures(failures: Sequence[Mapping[str, str]], path: str | os.PathLike) -> Path:

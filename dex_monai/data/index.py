@@ -27,8 +27,6 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from dex_monai.data.checks import (
     REJECT_CATEGORIES,
     RejectedFile,
@@ -39,7 +37,7 @@ from dex_monai.data.checks import (
 from dex_monai.data.checks import (
     check_pixels as check_pixel_values,
 )
-from dex_monai.data.datalist import match_label, sibling_label_folders
+from dex_monai.data.datalist import LabelLookup, sibling_label_folders
 from dex_monai.data.describe import (
     DESCRIBERS,
     describe_dicom_dtype,
@@ -221,10 +219,7 @@ class _Indexer:
                 for path, _ in members:
                     try:
                         arr = dicom_pixels(path)
-                        if arr.size == 0:
-                            raise RejectedFile("empty", "the image has no pixels")
-                        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                            raise RejectedFile("non-finite", "NaN/Inf values")
+                        check_pixel_values(arr, constant_ok=True)  # constancy is judged over the whole series
                     except RejectedFile as e:
                         raise RejectedFile(e.category, f"{os.path.basename(path)}: {e.detail}") from e
                     lows.append(float(arr.min()))
@@ -287,19 +282,21 @@ class _Indexer:
     # -- labels ------------------------------------------------------------------------------
     def pair_labels(self) -> None:
         """Attach ``label`` to images whose label sits in a sibling label folder (``imagesTr``/``labelsTr``...) under
-        the same name (:func:`dex_monai.data.datalist.match_label`, as the fine-tuning datalists pair them)."""
+        the same name (:class:`dex_monai.data.datalist.LabelLookup`, as the fine-tuning datalists pair them)."""
         by_folder: dict[str, dict[str, str]] = defaultdict(dict)
         for lab in self.labels:
             path = os.path.normpath(lab["label"])
             by_folder[os.path.dirname(path)][os.path.basename(path)] = path
         if not by_folder:
             return
+        lookups = {folder: LabelLookup(labels) for folder, labels in by_folder.items()}
         for entry in self.entries:
             if entry["format"] in ("dicom-series", "npz"):
                 continue
             folder, name = os.path.split(entry["image"])
             for label_folder in sibling_label_folders(folder):
-                label = match_label(name, by_folder.get(os.path.normpath(label_folder), {}))
+                lookup = lookups.get(os.path.normpath(label_folder))
+                label = None if lookup is None else lookup.find(name)
                 if label is not None:
                     entry["label"] = label
                     break

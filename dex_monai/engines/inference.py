@@ -30,6 +30,7 @@ from dex_monai.data.failures import (
     FAILED_CSV,
     FAILURE_KEY,
     describe_failure,
+    failed_paths,
     write_failures,
 )
 from dex_monai.handlers.tracking import add_tracking_artifact, add_tracking_metrics
@@ -120,9 +121,9 @@ class FailureReportHandler:
     def epoch_completed(self, engine: Engine) -> None:
         failures = list(getattr(engine.state, FAILURES_STATE, None) or [])
         total = len(engine.state.dataloader.dataset) if hasattr(engine.state.dataloader, "dataset") else None
-        failed_paths = {f["path"] for f in failures}
-        predicted = None if total is None else total - len(failed_paths)
-        metrics = {"failed_inputs": float(len(failed_paths))}
+        failed = failed_paths(failures)
+        predicted = None if total is None else total - len(failed)
+        metrics = {"failed_inputs": float(len(failed))}
         if predicted is not None:
             metrics["predicted_inputs"] = float(predicted)
         add_tracking_metrics(engine, metrics)
@@ -134,7 +135,7 @@ class FailureReportHandler:
         write_failures(failures, self.path)
         add_tracking_artifact(engine, self.path, "failures")
         of_total = f" of {total}" if total is not None else ""
-        self.logger.error(f"{len(failed_paths)}{of_total} inputs failed; see {self.path}:")
+        self.logger.error(f"{len(failed)}{of_total} inputs failed; see {self.path}:")
         for record in failures:
             self.logger.error(f"  {record['path']}  [{record['stage']}] {record['reason']}")
 
@@ -178,4 +179,4 @@ def exit_on_failures(engine: Any) -> None:
     inference config; the predictions of the good inputs are written by then)."""
     failures = getattr(engine.state, FAILURES_STATE, None) or []
     if failures:
-        raise SystemExit(f"{len({f['path'] for f in failures})} inputs failed; see the log and {FAILED_CSV} in the output folder.")
+        raise SystemExit(f"{len(failed_paths(failures))} inputs failed; see the log and {FAILED_CSV} in the output folder.")

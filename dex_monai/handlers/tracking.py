@@ -20,6 +20,7 @@ import torch.distributed as dist
 from monai.handlers import MLFlowHandler
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from dex_monai.data.failures import failed_paths
 from dex_monai.engines.pretrain import output_scalars
 from dex_monai.engines.utils import (
     bundle_config_snapshot,
@@ -38,8 +39,6 @@ else:
 
 
 TRACKING_METRICS = "tracking_metrics"
-
-
 TRACKING_ARTIFACTS = "tracking_artifacts"
 
 
@@ -126,10 +125,10 @@ class DEXMLFlowHandler(MLFlowHandler):
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
     def _set_finish_status(self, engine: Engine) -> None:
-        failed = bool(getattr(engine.state, "failures", None))
+        failed = failed_paths(getattr(engine.state, "failures", None) or [])
         self.run_finish_status = "FAILED" if failed else "FINISHED"
         if failed and self.cur_run is not None:
-            self.client.set_tag(self.run_id, "failed_inputs", str(len(engine.state.failures)))
+            self.client.set_tag(self.run_id, "failed_inputs", str(len(failed)))
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
         """End the MLflow run as FAILED (it would stay RUNNING), then let the exception go on."""
