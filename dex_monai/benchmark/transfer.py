@@ -61,9 +61,6 @@ INITS: dict[str, tuple[str | None, dict]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------- data
-
-
 # ------------------------------------------------------------------------------------------------------ training
 def _mlflow_handler(cfg: BenchmarkConfig, mlflow, name: str, tags: dict, params: dict, output_transform=None):
     """The bundles' MLflow handler for one run of the benchmark (kept open: the caller adds the results, then closes
