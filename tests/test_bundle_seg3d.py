@@ -280,6 +280,38 @@ def test_input_files_in_several_folders_write_only_under_output_dir(trained, hip
     assert {k: v for k, v in _digest(tmp_path).items() if not k.startswith("t/")} == before
 
 
+def test_inference_writes_dicom_seg_of_a_real_series(trained, shared_data, tmp_path):
+    """``output_format dicom_seg`` on a real MR series (PGBM-001 T1post, copied): a DICOM SEG under ``output_dir``
+    whose decoded labels equal the NIfTI output of the same run voxel by voxel; a NIfTI input is refused up front."""
+    import nibabel as nib
+    import pydicom
+    from test_dicom_seg import seg_on_nifti_grid
+
+    inputs = tmp_path / "study"
+    shutil.copytree(shared_data / "mr" / "pgbm001_dicom" / "T1post", inputs / "T1post")
+    before = _digest(inputs)
+    base = {**NETWORK, "bundle_root": str(trained["root"]), "input_dir": str(inputs), "num_workers": 0,
+            "overlap": 0.0, "pixdim": [3.0, 3.0, 3.0], "overlay_images": 0, "mlflow_tracking": False}
+    for fmt in ("nifti", "dicom_seg"):
+        _run_bundle([str(CONFIGS / "inference.json")], {**base, "output_format": fmt, "output_dir": str(tmp_path / fmt)})
+    assert _digest(inputs) == before
+    assert files_under(tmp_path / "dicom_seg") == {"T1post_seg.dcm"}
+    nifti = nib.load(str(tmp_path / "nifti" / "T1post_seg.nii.gz"))
+    array, affine = seg_on_nifti_grid(tmp_path / "dicom_seg" / "T1post_seg.dcm", nifti.affine)
+    np.testing.assert_allclose(affine, nifti.affine, atol=1e-3)
+    np.testing.assert_array_equal(array, np.asarray(nifti.dataobj))
+    seg = pydicom.dcmread(str(tmp_path / "dicom_seg" / "T1post_seg.dcm"))
+    source = pydicom.dcmread(str(inputs / "T1post" / "000000.dcm"), stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+
+    shutil.copy(sorted((shared_data / "mr" / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0], inputs / "volume.nii.gz")
+    proc = _run_bundle([str(CONFIGS / "inference.json")],
+                       {**base, "output_format": "dicom_seg", "output_dir": str(tmp_path / "refused")}, expect_exit=1)
+    assert "needs DICOM inputs" in proc.stderr and "volume.nii.gz (nifti)" in proc.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 def test_verify_metadata():
     from monai.bundle import verify_metadata
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dex_monai.data.dicom_seg import check_dicom_seg_inputs, output_format_ext
 from dex_monai.data.readers import (
     IMAGE_SUFFIXES,
     PIL_FORMATS,
@@ -450,20 +451,26 @@ def plan_outputs(
     output_postfix: str = "seg",
     output_ext: str = "auto",
     image_key: str = "image",
+    output_format: str | None = None,
 ) -> list[dict]:
     """
     Give every item the path of its prediction (``item["output_path"]``), always under ``output_dir``:
     ``<output_dir>/<sub-folders below the inputs' common folder>/<input name>_<output_postfix><ext>``. Inputs that
     would share a name (``a.nii.gz`` and ``a.dcm``, or a series folder ``a``) are told apart by their source type
-    (``a_nii_seg.nii.gz``, ``a_dcm_seg.nii.gz``, ``a_series_seg.nii.gz``).
+    (``a_nii_seg.nii.gz``, ``a_dcm_seg.nii.gz``, ``a_series_seg.nii.gz``). ``output_format`` (``auto``, ``nifti``,
+    ``png``, ``dicom_seg``), when given, sets the ending instead of ``output_ext``; ``dicom_seg`` needs DICOM inputs.
 
     Raises:
         ValueError: ``output_postfix`` is empty, or a prediction would be written into a folder that holds an input
             (``output_dir`` equal to or inside an input folder, or around one so that the mirrored sub-folders meet
-            an input folder), or into an input DICOM series folder; the message names both.
+            an input folder), or into an input DICOM series folder; the message names both. ``output_format``
+            ``dicom_seg`` with inputs that are not DICOM (named).
     """
     if not output_postfix:
         raise ValueError("output_postfix must not be empty (a prediction must never take an input's name).")
+    if output_format not in (None, ""):
+        output_ext = output_format_ext(output_format)
+        items = check_dicom_seg_inputs(items, output_format, image_key)
     out_root = check_output_dir(items, output_dir, image_key)
     images = [os.path.abspath(os.fspath(item[image_key])) for item in items]
     parents = [os.path.dirname(p.rstrip(os.sep)) for p in images]

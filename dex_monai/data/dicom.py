@@ -46,6 +46,7 @@ __all__ = [
     "dicom_pixel_spacing",
     "dicom_patient_affine",
     "check_dicom_series",
+    "dicom_series_files",
     "mosaic_shape_and_spacing",
     "DicomFileReader",
     "DicomSeriesReader",
@@ -176,6 +177,29 @@ def check_dicom_series(name: str | os.PathLike, files: Sequence[str | os.PathLik
     return headers[0]
 
 
+def dicom_series_files(folder: str | os.PathLike, series_uid: str | None = None) -> list[str]:
+    """The files of one DICOM series in ``folder`` in slice order (GDCM's), chosen by its ``SeriesInstanceUID``;
+    ``None`` takes the folder's only series. Raises :class:`ImageDecodeError` naming the folder."""
+    import itk
+
+    folder = os.fspath(folder)
+    gen = itk.GDCMSeriesFileNames.New()
+    gen.SetUseSeriesDetails(False)  # identifiers are then the plain SeriesInstanceUIDs
+    gen.SetDirectory(folder)
+    uids = list(gen.GetSeriesUIDs())
+    if not uids:
+        raise ImageDecodeError(f"{folder}: no DICOM series found in the folder.")
+    if series_uid is None:
+        if len(uids) > 1:
+            raise ImageDecodeError(
+                f"{folder}: the folder holds {len(uids)} DICOM series ({uids}); give `series_uid` to choose one."
+            )
+        return list(gen.GetFileNames(uids[0]))
+    if series_uid not in uids:
+        raise ImageDecodeError(f"{folder}: no DICOM series with SeriesInstanceUID '{series_uid}' ({uids}).")
+    return list(gen.GetFileNames(series_uid))
+
+
 class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
     """ITK (GDCM) reader of one DICOM series in a folder, chosen by its ``SeriesInstanceUID``.
 
@@ -196,25 +220,7 @@ class DicomSeriesReader(_StoredDtypeMixin, ITKReader):
         return all(os.path.isdir(f) or is_dicom_file(f) for f in ensure_tuple(filename))
 
     def _series_files(self, folder: str) -> list[str]:
-        import itk
-
-        gen = itk.GDCMSeriesFileNames.New()
-        gen.SetUseSeriesDetails(False)  # identifiers are then the plain SeriesInstanceUIDs
-        gen.SetDirectory(folder)
-        uids = list(gen.GetSeriesUIDs())
-        if not uids:
-            raise ImageDecodeError(f"{folder}: no DICOM series found in the folder.")
-        if self.series_uid is None:
-            if len(uids) > 1:
-                raise ImageDecodeError(
-                    f"{folder}: the folder holds {len(uids)} DICOM series ({uids}); give `series_uid` to choose one."
-                )
-            uid = uids[0]
-        else:
-            if self.series_uid not in uids:
-                raise ImageDecodeError(f"{folder}: no DICOM series with SeriesInstanceUID '{self.series_uid}' ({uids}).")
-            uid = self.series_uid
-        return list(gen.GetFileNames(uid))
+        return dicom_series_files(folder, self.series_uid)
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any):
         import itk

@@ -19,10 +19,23 @@ from dex_monai.data.datalist import (
     OUTPUT_PATH_KEY,
     prediction_ext,
 )
+from dex_monai.data.dicom_seg import write_dicom_seg
 from dex_monai.data.readers import image_stem
 from dex_monai.transforms.downstream import restore_spatial_shape
 
 __all__ = ["SavePredictiond"]
+
+
+def _ras_affine(affine: Any, meta: Mapping) -> np.ndarray:
+    """The 4x4 RAS affine of a prediction from its affine (a 2D 3x3 one is embedded) and its meta ``space``."""
+    affine = np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine, dtype=torch.float64))
+    if affine.shape != (4, 4):
+        full = np.eye(4)
+        full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+        affine = full
+    if str(meta.get("space", "RAS")).upper() == "LPS":
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return affine
 
 
 class SavePredictiond(MapTransform):
@@ -32,7 +45,9 @@ class SavePredictiond(MapTransform):
     format its ending names (:func:`~dex_monai.data.datalist.prediction_ext`: with ``"auto"`` a PNG / JPEG input gets
     a PNG prediction of the same size, anything else NIfTI). NIfTI is written with nibabel and the input's shape and
     affine (a slice stored as ``[H, W, 1]`` keeps its singleton axis and 4x4 affine, see
-    :func:`restore_spatial_shape`); other endings through MONAI's writer for that ending.
+    :func:`restore_spatial_shape`); ``.dcm`` as a DICOM Segmentation of the DICOM input (one segment per label,
+    named by ``label_names``, see :func:`~dex_monai.data.dicom_seg.write_dicom_seg`); other endings through MONAI's
+    writer for that ending.
 
     Items without a planned path (e.g. the evaluation of a training datalist) are written flat into ``output_dir`` as
     ``<input name>_<output_postfix><ext>``; a name written twice in one run, or one that is an input, is refused.
@@ -50,6 +65,9 @@ class SavePredictiond(MapTransform):
         ref_key: str = "image",
         argmax: bool = False,
         output_path_key: str = OUTPUT_PATH_KEY,
+        label_names: Mapping[Any, str] | None = None,
+        algorithm_name: str = "dex_monai",
+        algorithm_version: str = "0",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -62,6 +80,9 @@ class SavePredictiond(MapTransform):
         self.ref_key = ref_key
         self.argmax = argmax
         self.output_path_key = output_path_key
+        self.label_names = {int(k): str(v) for k, v in (label_names or {}).items()}
+        self.algorithm_name = algorithm_name
+        self.algorithm_version = algorithm_version
         self._written: set[Path] = set()
 
     def _fallback_path(self, name: str) -> Path:
@@ -73,15 +94,23 @@ class SavePredictiond(MapTransform):
     def _write_nifti(self, pred: torch.Tensor, affine: Any, meta: Mapping, path: Path) -> None:
         import nibabel as nib
 
-        affine = np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine, dtype=torch.float64))
-        if affine.shape != (4, 4):  # a 2D affine (3x3): embed it
-            full = np.eye(4)
-            full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
-            affine = full
-        if str(meta.get("space", "RAS")).upper() == "LPS":
-            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
         array = pred[0].detach().cpu().numpy().astype(self.output_dtype)
-        nib.save(nib.Nifti1Image(array, affine), str(path))
+        nib.save(nib.Nifti1Image(array, _ras_affine(affine, meta)), str(path))
+
+    def _write_dicom_seg(self, pred: torch.Tensor, affine: Any, meta: Mapping, series_uid: Any, path: Path) -> None:
+        name = meta.get("filename_or_obj")
+        if not name:
+            raise ValueError(f"{path}: a DICOM SEG needs the DICOM input it references; the prediction names none.")
+        write_dicom_seg(
+            pred[0].detach().cpu().numpy(),
+            _ras_affine(affine, meta),
+            str(name),
+            path,
+            self.label_names,
+            series_uid=None if series_uid in (None, "") else str(series_uid),
+            algorithm_name=self.algorithm_name,
+            algorithm_version=self.algorithm_version,
+        )
 
     def _write_other(self, pred: torch.Tensor, affine: Any, path: Path) -> None:
         from monai.data.image_writer import resolve_writer
@@ -115,6 +144,8 @@ class SavePredictiond(MapTransform):
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.name.lower().endswith((".nii", ".nii.gz")):
                 self._write_nifti(pred, affine, meta, path)
+            elif path.name.lower().endswith(".dcm"):
+                self._write_dicom_seg(pred, affine, meta, d.get("series_uid"), path)
             else:
                 self._write_other(pred, affine, path)
             self._written.add(path)
