@@ -190,3 +190,16 @@ def test_expert_schedule_is_cut_short_as_in_the_reference():
     assert expert_schedule(4, 6, 8) == [8, 8, 7, 7]
     assert expert_schedule(12, 4, 8) == [8, 8, 8, 7, 7, 7, 6, 6, 6, 5, 5, 5]
     assert expert_schedule(3, 2, 2) == [2, 2, 2]
+
+
+def test_director_fine_tuning_trains_the_director():
+    """Unlike the public code (director forward under no_grad), ``mode="director"`` gives the director gradients."""
+    torch.manual_seed(0)
+    net = DEXClassifier(3, 2, 32, 8, spatial_dims=2, mode="director", **TINY)
+    director = net.encoder.blocks[0].dex.director
+    before = director.linear1.weight.detach().clone()
+    optimiser = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    F.cross_entropy(net(torch.rand(4, 3, 32, 32)), torch.tensor([0, 1, 0, 1])).backward()
+    assert director.linear1.weight.grad is not None and director.linear1.weight.grad.abs().sum() > 0
+    optimiser.step()
+    assert not torch.equal(director.linear1.weight, before)

@@ -18,9 +18,11 @@ _MLP_ATTRIBUTE = {"dense": "mlp", "m4oe": "m4oe", "dex": "dex"}
 
 
 def expert_schedule(num_layers: int, min_experts: int, max_experts: int) -> list[int]:
-    """Expert count per layer, from ``max_experts`` in the first layers down to ``min_experts`` in the last.
+    """Expert count per layer, from ``max_experts`` in the first layers down towards ``min_experts``.
 
-    As the public code: each count from max to min is repeated ``ceil(L / (max - min + 1))`` times, cut to L.
+    As the public code: each count from max to min is repeated ``ceil(L / (max - min + 1))`` times and the list is cut
+    to L, so the schedule is cut short and the deepest layers may never reach ``min_experts``: 8 experts down to a
+    minimum of 6 over 4 layers gives ``[8, 8, 7, 7]``.
     """
     if min_experts < 1 or max_experts < min_experts:
         raise ValueError(f"need 1 <= min_experts <= max_experts, got min={min_experts}, max={max_experts}.")
@@ -30,7 +32,8 @@ def expert_schedule(num_layers: int, min_experts: int, max_experts: int) -> list
 
 
 def top_k_schedule(num_layers: int, min_top_k: int, max_top_k: int) -> list[int]:
-    """Top-k per layer, from ``min_top_k`` in the first layers up to ``max_top_k`` in the last (as the public code)."""
+    """Top-k per layer, from ``min_top_k`` in the first layers up towards ``max_top_k``; cut short to L as
+    :func:`expert_schedule` (as the public code)."""
     if min_top_k < 1 or max_top_k < min_top_k:
         raise ValueError(f"need 1 <= min_top_k <= max_top_k, got min={min_top_k}, max={max_top_k}.")
     repeat = math.ceil(num_layers / (max_top_k - min_top_k + 1))
