@@ -4,6 +4,7 @@ through ``python -m monai.bundle run`` of the pre-training bundle, then loaded b
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,42 @@ def test_td_calib_bundle_from_checkpoint_then_fine_tuning_bundle_loads_it(task, 
     network = parser.get_parsed_content("network_def")
     torch.testing.assert_close(network.vit.blocks[0].dex.experts.linear1_weight,
                                after["encoder.blocks.0.dex.experts.linear1_weight"])
+
+
+def test_task_volumes_become_slices_along_the_slicing_axis():
+    from dex_monai.benchmark import BenchmarkConfig
+    from dex_monai.benchmark.tasks import TaskData, task_images_2d
+
+    z = torch.arange(4, dtype=torch.float32) / 4  # slice z of every volume holds the value z / 4
+    volumes = torch.stack([z.expand(1, 6, 5, 4) + n for n in (0.0, 0.5)])  # [2, 1, 6, 5, 4]
+    data = TaskData(volumes, torch.zeros(2), volumes, torch.zeros(2), 2, 3, "classification", "CT")
+    images = task_images_2d(data, BenchmarkConfig(img_size=8))
+    assert images.shape == (8, 3, 8, 8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    for n in range(2):
+        for s in range(4):
+            expected = ((n * 0.5 + s / 4) - mean) / std
+            torch.testing.assert_close(images[n * 4 + s].mean(dim=(1, 2)), expected)
+            assert float(images[n * 4 + s].std(dim=(1, 2)).max()) < 1e-5  # constant slice stays constant
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_td_calib_init(shared_data, tmp_path):
+    """``td_calib``: dex_umd pre-training continued on each task's train images for ``td_calib_steps``, then fine-tuned."""
+    from dex_monai.benchmark import BenchmarkConfig, run_transfer_benchmark
+
+    cfg = BenchmarkConfig(
+        data_root=str(shared_data), out_dir=str(tmp_path), tracking_uri="none", tasks=("hippocampus_seg3d",),
+        inits=("dex_umd", "td_calib"), img_size=32, volume_size=16, patch_size=8, hidden_size=48, mlp_dim=96,
+        num_layers=2, num_heads=4, num_experts=3, decoder_hidden_size=24, pretrain_steps=3, pretrain_batch=6,
+        pretrain_images_per_modality=8, td_calib_steps=2, finetune_steps=2, finetune_batch=4, max_train=4, max_eval=4,
+        probe_images_per_modality=6,
+    )
+    result = run_transfer_benchmark(cfg)
+    assert set(result["table"]["hippocampus_seg3d"]) == {"dex_umd", "td_calib"}
+    assert all(math.isfinite(v) for v in result["table"]["hippocampus_seg3d"].values())
+    start = torch.load(tmp_path / "pretrain_dex_umd.pt", weights_only=True)["model"]
+    calibrated = torch.load(tmp_path / "pretrain_td_calib_hippocampus_seg3d.pt", weights_only=True)["model"]
+    kernel = "encoder.patch_embedding.patch_embeddings.weight"
+    difference = (calibrated[kernel] - start[kernel]).abs().max()
+    assert 0 < difference < 0.05  # two steps (lr 1e-3) away from the dex_umd encoder it started from
