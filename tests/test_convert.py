@@ -99,7 +99,8 @@ def _reference_dex_state(model: DEXViT) -> dict[str, torch.Tensor]:
 
 
 def test_reference_dex_layout_loads_into_classifier():
-    source = DEXViT(3, 32, 8, spatial_dims=2, num_layers=2, num_experts=4, **TINY)
+    # the reference models' LayerNorms use eps 1e-6; the conversion sets the classifier's (built with 1e-5) to it
+    source = DEXViT(3, 32, 8, spatial_dims=2, num_layers=2, num_experts=4, layer_norm_eps=1e-6, **TINY)
     with torch.no_grad():
         for block in source.blocks:
             block.dex.experts.linear1_weight.add_(torch.randn_like(block.dex.experts.linear1_weight))
@@ -107,6 +108,7 @@ def test_reference_dex_layout_loads_into_classifier():
     report = load_encoder_weights(classifier, {"model": _reference_dex_state(source)})
     assert report.ok, report.summary()
     assert set(report.newly_initialised) == {"head.1.weight", "head.1.bias"}
+    assert any("LayerNorm eps set to 1e-06" in n for n in report.notes)
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(classifier.encoder(x)[0], source.eval()(x)[0])
 

@@ -24,6 +24,7 @@ class BenchmarkConfig:
     gm_coord: bool = False
     gm_coord_alpha: float = 0.5
     umd_feature_weight: float = 1.0
+    td_calib_steps: int = 50  # TD-Calib: steps of dex_umd pre-training continued on each task's train images
     img_size: int = 64
     volume_size: int = 32
     patch_size: int = 8

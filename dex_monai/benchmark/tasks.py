@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from dex_monai.benchmark.config import BenchmarkConfig
 from dex_monai.transforms.io import LoadMultiModalImage
 
-__all__ = ["TASKS", "Task", "TaskData", "build_pretraining_images", "collect_pretraining_pools", "draw_images"]
+__all__ = [
+    "TASKS", "Task", "TaskData", "build_pretraining_images", "collect_pretraining_pools", "draw_images", "task_images_2d",
+]
 
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -287,3 +289,14 @@ def build_pretraining_images(
 ) -> tuple[torch.Tensor, list[str]]:
     """:func:`collect_pretraining_pools` then :func:`draw_images`."""
     return draw_images(collect_pretraining_pools(root, cfg), rng, per_modality)
+
+
+def task_images_2d(data: TaskData, cfg: BenchmarkConfig) -> torch.Tensor:
+    """A task's training images as 2D pre-training sees them, ``[M, 3, S, S]`` ImageNet-normalised (TD-Calib): 2D
+    tasks as they are; volumes ``[N, C, X, Y, Z]`` in [0, 1] cut into slices along the slicing axis (the last) and
+    resized to ``img_size``."""
+    x = data.train_x
+    if data.spatial_dims == 3:
+        slices = x.movedim(-1, 1).reshape(-1, x.shape[1], x.shape[2], x.shape[3])  # [N * Z, C, X, Y]
+        x = _to_rgb_normalised(_resize(slices, (cfg.img_size,) * 2))
+    return x

@@ -39,6 +39,7 @@ from dex_monai.benchmark.tasks import (
     TaskData,
     collect_pretraining_pools,
     draw_images,
+    task_images_2d,
 )
 from dex_monai.networks import (
     DEXUNETR,
@@ -58,6 +59,8 @@ INITS: dict[str, tuple[str | None, dict]] = {
     "none": (None, {"dense": True}),
     "dex_umd": ("dex_umd", {"mode": None}),  # DEX MAE + UMD multi-level (EMA-teacher feature) reconstruction
     "m4oe": ("m4oe", {"mlp_type": "m4oe", "m4oe_stage": "gated"}),  # experts pre-trained on their own modality
+    # UMD's TD-Calib (an interpretation): dex_umd pre-training continued on the task's own train images, no labels
+    "td_calib": ("dex_umd", {"mode": None}),
 }
 
 
@@ -121,14 +124,15 @@ def _pretrain_options(kind: str, cfg: BenchmarkConfig, modality_names: Sequence[
 
 def pretrain(
     kind: str, images: torch.Tensor, cfg: BenchmarkConfig, mlflow, tags: dict, out_dir: Path,
-    modalities: Sequence[str] = (),
+    modalities: Sequence[str] = (), start_from: Path | None = None, steps: int | None = None, name: str | None = None,
 ) -> tuple[DEXMaskedAutoEncoder, Path]:
     """Pre-train an MAE of ``kind`` (``dex``, ``dense``, ``dex_umd``, ``m4oe``) on ``images`` ``[N, 3, S, S]`` with
     the pre-training bundle's engine and handlers (loss ``mae + feature + lambda_co * alignment + lambda_bal *
     balance``, clipping, non-finite steps skipped, GEMA momentum 0.99 -> 0.999 and router noise 1 -> 0 by cosine).
 
     ``modalities`` names every image's modality (M4oE trains each expert on its own modality). Returns the model and
-    its checkpoint path.
+    its checkpoint path. ``start_from`` continues pre-training from a checkpoint for ``steps`` steps (TD-Calib), with
+    GEMA momentum and router noise held at their end values; ``name`` names the run and checkpoint (default ``kind``).
     """
     from monai.transforms import RandFlipd
 
@@ -144,25 +148,33 @@ def pretrain(
         decoder_num_layers=cfg.decoder_num_layers, decoder_num_heads=4,
         **_pretrain_options(kind, cfg, modality_names), **cfg.extra_pretrain_options,
     )
+    name = name or kind
+    steps = steps or cfg.pretrain_steps
+    gema, noise = {}, {}
+    if start_from is not None:
+        from dex_monai.engines.initialise import load_pretraining_checkpoint
+
+        load_pretraining_checkpoint(model, start_from)
+        gema, noise = {"start": 0.999, "end": 0.999}, {"start": 0.0, "end": 0.0}  # pre-training's end values
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.pretrain_lr,
                                   weight_decay=0.05, betas=(0.9, 0.95))
     items = [{"image": images[i], "modality": modalities[i] if modalities else "unknown"} for i in range(len(images))]
     flip = RandFlipd("image", prob=0.5, spatial_axis=-1)
     flip.set_random_state(seed=cfg.seed)
-    tracking = _mlflow_handler(cfg, mlflow, f"pretrain-{kind}", {**tags, "stage": "pretrain", "init": kind},
-                               {**asdict(cfg), "stage": "pretrain", "init": kind})
-    handlers = [_schedule(optimizer, cfg, cfg.pretrain_steps), GEMAMomentumScheduleHandler(model),
-                RouterNoiseScheduleHandler(model), ProgressBarHandler(("loss", "mae"), desc=f"pre-train {kind}")]
+    tracking = _mlflow_handler(cfg, mlflow, f"pretrain-{name}", {**tags, "stage": "pretrain", "init": name},
+                               {**asdict(cfg), "stage": "pretrain", "init": name})
+    handlers = [_schedule(optimizer, cfg, steps), GEMAMomentumScheduleHandler(model, **gema),
+                RouterNoiseScheduleHandler(model, **noise), ProgressBarHandler(("loss", "mae"), desc=f"pre-train {name}")]
     handlers += [tracking] if tracking else []
     trainer = DEXPretrainTrainer(
-        device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.pretrain_steps, cfg.pretrain_batch),
+        device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, steps, cfg.pretrain_batch),
         network=model, optimizer=optimizer, lambda_co=cfg.lambda_co, lambda_bal=cfg.lambda_bal, max_grad_norm=1.0,
         train_handlers=handlers, decollate=False,
     )
     trainer.run()
     if kind == "m4oe":
         model.encoder.set_modality_ids(None)
-    path = out_dir / f"pretrain_{kind}.pt"
+    path = out_dir / f"pretrain_{name}.pt"
     torch.save({"model": model.state_dict()}, path)
     _finish_mlflow(tracking, {"skipped_steps": float(trainer.state.skipped_steps)})
     return model, path
@@ -376,6 +388,10 @@ def run_transfer_benchmark(cfg: BenchmarkConfig) -> dict:
         for init in cfg.inits:
             source = INITS[init][0]
             checkpoint = pretrained[source][1] if source is not None else None
+            if init == "td_calib":
+                images_2d = task_images_2d(data, cfg)
+                checkpoint = pretrain("dex_umd", images_2d, cfg, mlflow, tags, out_dir, [data.modality] * len(images_2d),
+                                      start_from=checkpoint, steps=cfg.td_calib_steps, name=f"td_calib_{name}")[1]
             metrics = finetune(task, data, cfg, init, checkpoint, mlflow, tags, modality_names)
             table[name][init] = metrics["score"]
             details[name][init] = metrics

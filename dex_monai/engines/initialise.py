@@ -16,7 +16,7 @@ import torch
 from dex_monai.engines.checkpoint import find_latest_checkpoint
 from dex_monai.engines.utils import unwrap_network
 
-__all__ = ["INIT_MODES", "initialise_network", "resolve_checkpoint"]
+__all__ = ["INIT_MODES", "initialise_network", "load_pretraining_checkpoint", "resolve_checkpoint"]
 
 
 logger = logging.getLogger(__name__)
@@ -123,4 +123,59 @@ def initialise_network(
         f"initialised {type(net).__name__} from {init} checkpoint {path} (fine-tuning through "
         f"{'/'.join(sorted(m for m in mode if m)) or 'dense MLPs'}):\n{report.summary()}"
     )
+    return report
+
+
+def load_pretraining_checkpoint(
+    network: torch.nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any] | None, strict: bool = True
+) -> Any:
+    """
+    Start a :class:`~dex_monai.networks.DEXMaskedAutoEncoder` from a pre-training checkpoint, to continue
+    pre-training (UMD's TD-Calib: ``bundles/dex_pretrain/configs/td_calib.json``).
+
+    Encoder and decoder go through :func:`~dex_monai.networks.load_encoder_weights` (any layout it reads). For UMD's
+    feature reconstruction, the EMA teacher and the feature head are loaded when the checkpoint has them (a UMD
+    pre-training checkpoint); otherwise the teacher starts as a copy of the loaded encoder, as at the start of UMD
+    pre-training, and the feature head keeps its initialisation.
+
+    Args:
+        network: the MAE (possibly wrapped).
+        checkpoint: file, folder holding ``model.pt`` / ``checkpoint_<iteration>.pt``, or a state dict.
+        strict: stop when an encoder or decoder tensor is missing, unexpected or mismatched.
+
+    Returns:
+        the :class:`~dex_monai.networks.ConversionReport` of the load.
+
+    Raises:
+        FileNotFoundError: no checkpoint given, or none at the path.
+        ValueError: (``strict``) a checkpoint that does not fit, naming the file and the keys.
+    """
+    from dex_monai.networks import DEXMaskedAutoEncoder
+    from dex_monai.networks.convert import load_encoder_weights, read_state_dict
+
+    path = checkpoint if isinstance(checkpoint, Mapping) else resolve_checkpoint(checkpoint)
+    if path is None:
+        raise FileNotFoundError("continued pre-training needs `pretrained_checkpoint` (a file or a models folder).")
+    net = unwrap_network(network)
+    if not isinstance(net, DEXMaskedAutoEncoder):
+        raise TypeError(f"continued pre-training starts a DEXMaskedAutoEncoder, got {type(net).__name__}.")
+    state = read_state_dict(path)
+    name = "the given state dict" if isinstance(path, Mapping) else str(path)
+    report = load_encoder_weights(net, state, strict=False)
+    extra = {k: v for k, v in state.items() if k.startswith(("teacher.", "feature_pred."))}
+    own = net.state_dict()
+    fitting = {k: v for k, v in extra.items() if k in own and own[k].shape == v.shape}
+    if net.teacher is not None:
+        teacher_keys = {k for k in own if k.startswith("teacher.")}
+        if teacher_keys <= set(fitting):
+            report.notes.append("EMA teacher and feature head loaded from the checkpoint.")
+        else:
+            net.teacher.load_state_dict(net.encoder.state_dict())
+            fitting = {k: v for k, v in fitting.items() if not k.startswith("teacher.")}
+            report.notes.append("the checkpoint has no fitting EMA teacher: the teacher starts as the loaded encoder.")
+        net.load_state_dict(fitting, strict=False)
+        report.newly_initialised = [k for k in report.newly_initialised if k not in fitting and not k.startswith("teacher.")]
+    if strict and not report.ok:
+        raise ValueError(f"pretrained checkpoint {name} does not fit {type(net).__name__}:\n{report.summary()}")
+    logger.info(f"continuing pre-training from {name}:\n{report.summary()}")
     return report

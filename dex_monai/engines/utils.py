@@ -99,6 +99,8 @@ def load_pretrain_datalist(
     synthetic_size: int = 64,
     synthetic_seed: int = 0,
     max_items: int | None = None,
+    modality: str | None = None,
+    image_only: bool = False,
 ) -> list[dict]:
     """
     Items of a decathlon-style pre-training datalist; when none is given, ``<dataset_dir>/datalist.json`` is used,
@@ -117,6 +119,9 @@ def load_pretrain_datalist(
         synthetic_size: side of the generated images.
         synthetic_seed: seed of the generator.
         max_items: keep only the first ``max_items`` items (quick tests).
+        modality: DEX modality of the items that declare none (e.g. a downstream task's datalist, for TD-Calib).
+        image_only: keep only ``image`` and ``modality`` of every item, so that a downstream datalist's labels never
+            enter pre-training (TD-Calib reads the task's images without labels).
 
     Items are read with :func:`dex_monai.data.load_datalist` (only path entries are resolved).
     """
@@ -149,6 +154,10 @@ def load_pretrain_datalist(
         raise ValueError(f"datalist {datalist} has no items under '{data_list_key}'.")
     if max_items is not None:
         items = items[: int(max_items)]
+    if image_only:
+        items = [{k: v for k, v in item.items() if k in ("image", "modality")} for item in items]
+    if modality not in (None, "", "None", "none"):
+        items = [{**item, "modality": item.get("modality") or modality} for item in items]
     return items
 
 

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from dex_monai.networks.blocks.dex_transformer import set_layer_norm_eps
 from dex_monai.networks.kernel import adapt_patch_kernel
 from dex_monai.networks.nets.dex_downstream import DEXClassifier, DEXUNETR
 from dex_monai.networks.nets.dex_mae import DEXMaskedAutoEncoder
@@ -38,7 +39,12 @@ __all__ = [
     "encoder_of",
     "dex_to_dense_state_dict",
     "export_to_monai",
+    "REFERENCE_LAYER_NORM_EPS",
+    "is_reference_layout",
 ]
+
+#: LayerNorm eps of the reference models: the DEX public code's ``mae_DEX_vit_*`` and the MAE code's ``mae_vit_*``
+REFERENCE_LAYER_NORM_EPS = 1e-6
 
 StateDict = dict[str, torch.Tensor]
 _WRAPPER_KEYS = ("model", "state_dict", "network", "net", "module")
@@ -118,6 +124,11 @@ def _encoder_prefix(state: StateDict) -> str:
         if any(k.startswith(prefix + "blocks.") for k in state):
             return prefix
     raise ValueError("the checkpoint has no transformer blocks ('blocks.N...' under '', 'encoder.' or 'vit.').")
+
+
+def is_reference_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict is in the MAE / DEX public code's layout (timm names, ``DEX.`` experts)."""
+    return any(re.search(r"(^|\.)(patch_embed\.proj\.|pos_embed$|blocks\.\d+\.DEX\.)", k) for k in state)
 
 
 def canonical_state_dict(state: StateDict) -> tuple[StateDict, StateDict, StateDict, list[str]]:
@@ -319,6 +330,7 @@ def load_encoder_weights(
     strict: bool = True,
     include_decoder: bool = True,
     adapt_input: bool = True,
+    reference_layer_norm_eps: float | None = REFERENCE_LAYER_NORM_EPS,
 ) -> ConversionReport:
     """Load a dense or DEX checkpoint into a DEX network's encoder (and an MAE's decoder when present).
 
@@ -329,6 +341,8 @@ def load_encoder_weights(
     (UNETR decoder, classifier head; an MAE decoder when the checkpoint has none) are listed as ``newly_initialised``.
     With ``adapt_input`` a patch kernel of other channels, dimensionality (2D checkpoint, 3D network: inflated along
     the slicing axis) or size is fitted by :func:`~dex_monai.networks.kernel.adapt_patch_kernel`.
+    A checkpoint in the reference layout (:func:`is_reference_layout`) was trained with LayerNorm eps 1e-6: every
+    LayerNorm of ``model`` is set to ``reference_layer_norm_eps`` (noted in the report; ``None`` leaves them).
 
     Raises:
         ValueError: when ``strict`` and an encoder tensor is missing, unexpected or of the wrong shape; the message
@@ -372,6 +386,12 @@ def load_encoder_weights(
     if strict and not report.ok:
         raise ValueError(f"checkpoint {source_name} does not fit {type(model).__name__}:\n{report.summary()}")
     model.load_state_dict(merged, strict=False)
+    if reference_layer_norm_eps is not None and is_reference_layout(state):
+        if set_layer_norm_eps(model, reference_layer_norm_eps):
+            report.notes.append(
+                f"reference-layout checkpoint: LayerNorm eps set to {reference_layer_norm_eps:g} as in the reference "
+                "models; build networks that reload this model's checkpoints with the same layer_norm_eps."
+            )
     return report
 
 

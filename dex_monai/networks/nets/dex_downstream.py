@@ -35,7 +35,8 @@ class DEXUNETR(nn.Module):
         feature_size: decoder base width.
         norm_name: decoder normalisation.
         res_block: residual decoder blocks.
-        encoder_kwargs: anything else for :class:`DEXViT` (hidden_size, num_layers, num_experts, mode, ...).
+        encoder_kwargs: anything else for :class:`DEXViT` (hidden_size, num_layers, num_experts, mode,
+            layer_norm_eps, ...).
             ``mode`` defaults to ``"experts"``; use ``"director"`` for the dense director encoder.
 
     Input ``[B, C, *img_size]``; output logits ``[B, out_channels, *img_size]``.
@@ -136,7 +137,7 @@ class DEXClassifier(nn.Module):
         num_classes: output classes.
         img_size, patch_size, spatial_dims: as :class:`DEXViT`.
         head_dropout: dropout before the head.
-        encoder_kwargs: anything else for :class:`DEXViT`; ``mode`` defaults to ``"experts"``.
+        encoder_kwargs: anything else for :class:`DEXViT` (``layer_norm_eps`` included); ``mode`` defaults to ``"experts"``.
 
     Input ``[B, C, *img_size]``; output logits ``[B, num_classes]``.
     """

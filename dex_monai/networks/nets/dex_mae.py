@@ -14,6 +14,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.layers import trunc_normal_
 
+from dex_monai.networks.blocks.dex_transformer import set_layer_norm_eps
 from dex_monai.networks.nets.dex_vit import DEXViT
 
 __all__ = ["DEXMaskedAutoEncoder", "patchify", "unpatchify"]
@@ -76,6 +77,8 @@ class DEXMaskedAutoEncoder(nn.Module):
             training forward.
         teacher_momentum: EMA momentum of the teacher.
         teacher_layers: encoder blocks (0-based) whose outputs are the feature targets; default the last.
+        layer_norm_eps: eps of every LayerNorm of encoder and decoder (MONAI ``TransformerBlock``'s included) and of
+            the feature targets' normalisation; 1e-5 by default, 1e-6 in the DEX public code's models.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class DEXMaskedAutoEncoder(nn.Module):
         feature_reconstruction_weight: float = 0.0,
         teacher_momentum: float = 0.996,
         teacher_layers: Sequence[int] | None = None,
+        layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if not 0.0 < masking_ratio < 1.0:
@@ -156,7 +160,9 @@ class DEXMaskedAutoEncoder(nn.Module):
             m4oe_stage=m4oe_stage,
             m4oe_gate=m4oe_gate,
             default_modality=default_modality,
+            layer_norm_eps=layer_norm_eps,
         )
+        self.layer_norm_eps = layer_norm_eps
         self.in_channels = in_channels
         self.spatial_dims = spatial_dims
         self.masking_ratio = masking_ratio
@@ -187,7 +193,8 @@ class DEXMaskedAutoEncoder(nn.Module):
             # MONAI's TransformerBlock always creates this LayerNorm, used only with cross-attention; frozen so that
             # DistributedDataParallel does not wait for gradients that never come
             blk.norm_cross_attn.requires_grad_(False)
-        self.decoder_norm = nn.LayerNorm(decoder_hidden_size)
+        set_layer_norm_eps(self.decoder_blocks, layer_norm_eps)  # MONAI's TransformerBlock hard-codes 1e-5
+        self.decoder_norm = nn.LayerNorm(decoder_hidden_size, eps=layer_norm_eps)
         self.decoder_pred = nn.Linear(decoder_hidden_size, int(np.prod(self.patch_size)) * in_channels)
         trunc_normal_(self.mask_token, mean=0.0, std=0.02, a=-2.0, b=2.0)
         for module in (self.decoder_embed, self.decoder_pred):
@@ -258,7 +265,8 @@ class DEXMaskedAutoEncoder(nn.Module):
         assert self.teacher is not None
         self.teacher.eval()
         _, hidden = self.teacher(images)
-        feats = [F.layer_norm(hidden[i][:, 1:], hidden[i].shape[-1:]) for i in self.teacher_layers]
+        eps = self.layer_norm_eps
+        feats = [F.layer_norm(hidden[i][:, 1:], hidden[i].shape[-1:], eps=eps) for i in self.teacher_layers]
         return torch.cat(feats, dim=-1)
 
     def forward_decoder(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,8 @@ class DEXViT(nn.Module):
         mlp_type: ``"dex"``, ``"m4oe"`` (modality experts + gating network, see
             :class:`~dex_monai.networks.blocks.ModalityExpertLayer`) or ``"dense"``.
         modalities, m4oe_stage, m4oe_gate, default_modality: the M4oE layers' settings (``mlp_type="m4oe"``).
+        layer_norm_eps: eps of every LayerNorm (each block's two and the final one). 1e-5 (PyTorch's default) keeps
+            earlier checkpoints' behaviour; the DEX public code's models (``mae_DEX_vit_base`` ...) use 1e-6.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class DEXViT(nn.Module):
         m4oe_stage: str = "gated",
         m4oe_gate: str = "experts",
         default_modality: str | None = None,
+        layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if dense:
@@ -166,11 +169,13 @@ class DEXViT(nn.Module):
                     m4oe_stage=m4oe_stage,
                     m4oe_gate=m4oe_gate,
                     default_modality=default_modality,
+                    layer_norm_eps=layer_norm_eps,
                 )
                 for experts, k in zip(self.experts_per_layer, self.top_k_per_layer)
             ]
         )
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.layer_norm_eps = layer_norm_eps
 
     @property
     def n_patches(self) -> int:
