@@ -109,6 +109,12 @@ def test_the_label_server_lists_the_orthanc_series(server, series):
     r = server.post("/activelearning/first", json={})
     assert r.status_code == 200, r.text
     assert r.json()["id"] == series["uid"]
+    # OHIF, as MONAI Label serves it (/ohif/), reads the studies through the server's DICOMweb proxy
+    r = server.get("/proxy/dicom/qido/studies")
+    assert r.status_code == 200, r.text
+    assert [s["0020000D"]["Value"] for s in r.json()] == [[series["study"]]]
+    r = server.get("/ohif/")
+    assert r.status_code == 200 and "<html" in r.text.lower()
 
 
 def test_unknown_series_get_404_and_the_server_keeps_serving(server, series):
