@@ -14,7 +14,7 @@ CONF=()
 usage() { sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --studies|-s) STUDIES="${2:?--studies needs a folder}"; shift 2 ;;
+    --studies|-s) STUDIES="${2:?--studies needs a folder or a DICOMweb URL}"; shift 2 ;;
     --port|-p) PORT="${2:?--port needs a number}"; shift 2 ;;
     --conf|-c) CONF+=(--conf "${2:?--conf needs KEY VALUE}" "${3:?--conf needs KEY VALUE}"); shift 3 ;;
     --host|-i) echo "label_server.sh: the server only listens on 127.0.0.1 (no --host)" >&2; exit 2 ;;
