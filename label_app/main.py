@@ -3,8 +3,8 @@
 """
 MONAI Label app serving the project's DEX segmentation bundles (``bundles/dex_seg3d``, ``bundles/dex_seg2d``).
 
-Start it with ``scripts/label_server.sh --studies DIR`` (see docs/monai_label.md).  The bundles are read from
-this repository, never downloaded.  Options (``--conf KEY VALUE``):
+Start it with ``scripts/label_server.sh --studies DIR|DICOMWEB_URL`` (see docs/monai_label.md).  The bundles are
+read from this repository, never downloaded.  Options (``--conf KEY VALUE``):
 
 ==================  =====================================================================================
 ``models``          comma-separated bundle names to serve; default: those of ``dex_seg3d``, ``dex_seg2d``
@@ -42,6 +42,7 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.bundles import ensure_model, overrides_for, parse_overrides, select_models, sync_working_copy
 from lib.datastore import DexLocalDatastore
+from lib.dicomweb import dicomweb_datastore
 from lib.errors import describe, is_image_read_error
 from lib.infers import DexBundleInferTask
 from lib.trainers import DexBundleTrainTask
@@ -87,7 +88,11 @@ class DexLabelApp(MONAILabelApp):
     # --- MONAI Label hooks -----------------------------------------------------------------------------
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb / XNAT / DSA: MONAI Label's own
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+                return super().init_datastore()  # MONAI Label's own
+            # a DICOMweb server (e.g. Orthanc, see docs/monai_label.md): MONAI Label's DICOMweb datastore, its
+            # cache of downloaded series under work_dir unless MONAI_LABEL_DICOMWEB_CACHE_PATH says otherwise
+            return dicomweb_datastore(self.studies, str(self.work_dir / ".dicomweb_cache"))
         return DexLocalDatastore(
             self.studies,
             cache_dir=str(self.work_dir / ".dicom_cache"),
@@ -140,6 +145,8 @@ class DexLabelApp(MONAILabelApp):
             else:
                 try:
                     uri = ds.get_image_uri(image)
+                except HTTPException:
+                    raise
                 except Exception as e:  # e.g. a DICOM series that cannot be converted
                     raise HTTPException(status_code=422, detail=f"cannot read image {image!r}: {describe(e)}") from e
                 if not uri:

@@ -164,18 +164,21 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.studies_arg: str | None = None  # a DICOMweb URL instead of the studies folder
+        self.env: dict = {}  # extra environment of the server (MONAI Label settings)
 
-    def start(self, models: list[str]):
+    def start(self, models: list[str], overrides_by_model: dict | None = None):
         overrides = self.root / "overrides.json"
-        overrides.write_text(json.dumps({m: OVERRIDES[m] for m in models}))
+        overrides.write_text(json.dumps(overrides_by_model or {m: OVERRIDES[m] for m in models}))
         cmd = [
-            "bash", str(SERVER_SCRIPT), "--studies", str(self.studies), "--port", str(self.port),
+            "bash", str(SERVER_SCRIPT), "--studies", self.studies_arg or str(self.studies), "--port", str(self.port),
             "--conf", "models", ",".join(models),
             "--conf", "overrides", str(overrides),
             "--conf", "work_dir", str(self.work),
         ]  # fmt: skip
         self.tmp_parent.mkdir(exist_ok=True)
-        env = {**os.environ, "DEX_LABEL_VENV": str(LABEL_VENV), "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmp_parent)}
+        env = {**os.environ, "DEX_LABEL_VENV": str(LABEL_VENV), "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmp_parent),
+               **self.env}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)  # fmt: skip
