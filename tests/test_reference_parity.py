@@ -104,16 +104,19 @@ def _reference_mae_layout(source: DEXViT) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_reference_checkpoint_conversion_sets_eps_and_package_checkpoints_keep_it():
+def test_reference_checkpoint_conversion_notes_or_sets_eps_and_package_checkpoints_keep_it():
     source = DEXViT(3, 32, 8, spatial_dims=2, dense=True, **TINY)
     reference = _reference_mae_layout(source)
     target = DEXViT(3, 32, 8, spatial_dims=2, **TINY)
-    report = load_encoder_weights(target, {"model": reference})
+    report = load_encoder_weights(target, {"model": reference}, reference_layer_norm_eps=1e-6)
     assert report.ok, report.summary()
     assert {m.eps for m in _norms(target)} == {1e-6}
-    untouched = DEXViT(3, 32, 8, spatial_dims=2, **TINY)
-    load_encoder_weights(untouched, {"model": reference}, reference_layer_norm_eps=None)
+    untouched = DEXViT(3, 32, 8, spatial_dims=2, **TINY)  # by default left as built (train and inference agree)
+    report = load_encoder_weights(untouched, {"model": reference})
     assert {m.eps for m in _norms(untouched)} == {1e-5}
+    assert any("use LayerNorm eps 1e-06, this network 1e-05" in n for n in report.notes)
+    paper = DEXViT(3, 32, 8, spatial_dims=2, layer_norm_eps=1e-6, **TINY)
+    assert not any("eps" in n for n in load_encoder_weights(paper, {"model": reference}).notes)
     own = DEXViT(3, 32, 8, spatial_dims=2, **TINY)
     load_encoder_weights(own, source.state_dict())
     assert {m.eps for m in _norms(own)} == {1e-5}

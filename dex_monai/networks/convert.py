@@ -330,7 +330,7 @@ def load_encoder_weights(
     strict: bool = True,
     include_decoder: bool = True,
     adapt_input: bool = True,
-    reference_layer_norm_eps: float | None = REFERENCE_LAYER_NORM_EPS,
+    reference_layer_norm_eps: float | None = None,
 ) -> ConversionReport:
     """Load a dense or DEX checkpoint into a DEX network's encoder (and an MAE's decoder when present).
 
@@ -341,8 +341,10 @@ def load_encoder_weights(
     (UNETR decoder, classifier head; an MAE decoder when the checkpoint has none) are listed as ``newly_initialised``.
     With ``adapt_input`` a patch kernel of other channels, dimensionality (2D checkpoint, 3D network: inflated along
     the slicing axis) or size is fitted by :func:`~dex_monai.networks.kernel.adapt_patch_kernel`.
-    A checkpoint in the reference layout (:func:`is_reference_layout`) was trained with LayerNorm eps 1e-6: every
-    LayerNorm of ``model`` is set to ``reference_layer_norm_eps`` (noted in the report; ``None`` leaves them).
+    A checkpoint in the reference layout (:func:`is_reference_layout`) was trained with LayerNorm eps 1e-6: with
+    ``reference_layer_norm_eps`` every LayerNorm of ``model`` is set to it; by default the norms are left as built
+    (so that training and a later inference network built from the same config agree) and the report notes when
+    they differ from 1e-6 (build the network with ``layer_norm_eps=1e-6``, as the bundles' paper configs do).
 
     Raises:
         ValueError: when ``strict`` and an encoder tensor is missing, unexpected or of the wrong shape; the message
@@ -386,12 +388,22 @@ def load_encoder_weights(
     if strict and not report.ok:
         raise ValueError(f"checkpoint {source_name} does not fit {type(model).__name__}:\n{report.summary()}")
     model.load_state_dict(merged, strict=False)
-    if reference_layer_norm_eps is not None and is_reference_layout(state):
-        if set_layer_norm_eps(model, reference_layer_norm_eps):
-            report.notes.append(
-                f"reference-layout checkpoint: LayerNorm eps set to {reference_layer_norm_eps:g} as in the reference "
-                "models; build networks that reload this model's checkpoints with the same layer_norm_eps."
-            )
+    if is_reference_layout(state):
+        if reference_layer_norm_eps is not None:
+            if set_layer_norm_eps(model, reference_layer_norm_eps):
+                report.notes.append(
+                    f"reference-layout checkpoint: LayerNorm eps set to {reference_layer_norm_eps:g}; build networks "
+                    "that reload this model's checkpoints with the same layer_norm_eps."
+                )
+        else:
+            built = sorted({m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)})
+            if built != [REFERENCE_LAYER_NORM_EPS]:
+                report.notes.append(
+                    f"reference-layout checkpoint: the reference models use LayerNorm eps {REFERENCE_LAYER_NORM_EPS:g}, "
+                    f"this network {', '.join(f'{e:g}' for e in built)}; build it with layer_norm_eps="
+                    f"{REFERENCE_LAYER_NORM_EPS:g} (bundles: --layer_norm_eps {REFERENCE_LAYER_NORM_EPS:g} or "
+                    "configs/vit_base_paper.json) to reproduce them exactly."
+                )
     return report
 
 
