@@ -20,7 +20,8 @@ def _pair(spatial_dims: int = 2, gate: str = "experts", stage: str = "expert"):
     torch.manual_seed(0)
     plain = SwinUNETR(1, 3, spatial_dims=spatial_dims, **SWIN)
     torch.manual_seed(0)
-    m4oe = M4oESwinUNETR(1, 3, MODALITIES, m4oe_stage=stage, m4oe_gate=gate, spatial_dims=spatial_dims, **SWIN)
+    m4oe = M4oESwinUNETR(1, 3, MODALITIES, m4oe_stage=stage, m4oe_gate=gate, spatial_dims=spatial_dims,
+                         experts_from_mlp=True, **SWIN)
     return plain, m4oe
 
 
@@ -150,3 +151,137 @@ def test_training_step_expert_stage_trains_only_the_routed_expert_and_gated_stag
     before.backward()
     assert float(layer.gate.weight.grad.abs().sum()) > 0
     assert torch.isfinite(before)
+
+
+# ------------------------------------------------------------------------------------------- bundles (monai.bundle run)
+SWIN_BUNDLE = {"swin_feature_size": 12, "swin_depths": [1, 1, 1, 1], "swin_num_heads": [1, 1, 1, 1],
+               "swin_window_size": 4}
+
+
+@pytest.mark.slow
+def test_seg2d_bundle_expert_stage_then_gated_stage_then_inference(tmp_path):
+    """The expert stage trains X-ray's expert only (one modality per run, ``m4oe_default_modality``); the gated stage
+    starts from its checkpoint; inference writes a prediction per image."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from bundle_helpers import run_bundle
+    from PIL import Image
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "dex_seg2d" / "configs"
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(4):
+        rows, cols = np.mgrid[:48, :64]
+        mask = (rows - rng.integers(14, 34)) ** 2 + (cols - rng.integers(14, 50)) ** 2 < 64
+        image = np.clip(rng.normal(60, 15, mask.shape) + 120 * mask, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"img_{i}.png")
+        Image.fromarray((255 * mask).astype(np.uint8)).save(tmp_path / f"img_{i}_mask.png")
+        items.append({"image": f"img_{i}.png", "label": f"img_{i}_mask.png"})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items[:3], "validation": items[3:]}))
+    common = {"roi_size": [64, 64], "epochs": 1, "batch_size": 2, "num_samples": 1, "num_workers": 0,
+              "sw_batch_size": 2, "log_interval": 1, "overlay_images": 1, "datalist": str(datalist),
+              "dataset_dir": str(tmp_path), "m4oe_modalities": ["X-ray", "ultrasound"], **SWIN_BUNDLE}
+    stage_configs = [str(configs / "train.json"), str(configs / "m4oe_swin.json")]
+    expert_dir = tmp_path / "expert"
+    run_bundle(stage_configs, {**common, "m4oe_stage": "expert", "m4oe_default_modality": "X-ray",
+                               "ckpt_dir": str(expert_dir / "models"), "output_dir": str(expert_dir / "eval")}, configs)
+    expert_state = torch.load(expert_dir / "models" / "model.pt", weights_only=True)
+    torch.manual_seed(0)  # the bundle's seed (set_determinism): the network the expert stage started from
+    start = M4oESwinUNETR(3, 2, ["X-ray", "ultrasound"], spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1),
+                          num_heads=(1, 1, 1, 1), window_size=4).state_dict()
+    key = "swinViT.layers1.0.blocks.0.mlp.experts.linear1_weight"
+    # ultrasound's expert saw no image: AdamW's weight decay only scales it (one ratio for every weight); X-ray's
+    # expert trained (its ratios differ)
+    ratio_unused = expert_state[key][1] / start[key][1]
+    ratio_trained = expert_state[key][0] / start[key][0]
+    torch.testing.assert_close(ratio_unused, torch.full_like(ratio_unused, float(ratio_unused.mean())), atol=1e-5, rtol=0)
+    assert float(ratio_unused.mean()) < 1.0
+    assert float((ratio_trained - ratio_trained.mean()).abs().max()) > 1e-3
+    gate_key = "swinViT.layers1.0.blocks.0.mlp.gate.weight"
+    assert torch.equal(expert_state[gate_key], torch.zeros_like(expert_state[gate_key]))  # no gate in this stage
+
+    gated_dir = tmp_path / "gated"
+    run_bundle(stage_configs, {**common, "m4oe_stage": "gated", "m4oe_checkpoint": str(expert_dir / "models"),
+                               "ckpt_dir": str(gated_dir / "models"), "output_dir": str(gated_dir / "eval")}, configs)
+    gated_state = torch.load(gated_dir / "models" / "model.pt", weights_only=True)
+    assert gated_state[gate_key].abs().sum() > 0  # the gate learned
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.open(tmp_path / "img_0.png").save(inputs / "a.png")
+    output = tmp_path / "predictions"
+    run_bundle([str(configs / "inference.json"), str(configs / "m4oe_swin.json")],
+               {"roi_size": [64, 64], "num_workers": 0, "bundle_root": str(gated_dir), "ckpt_dir": str(gated_dir / "models"),
+                "input_dir": str(inputs), "output_dir": str(output), "m4oe_modalities": ["X-ray", "ultrasound"],
+                **SWIN_BUNDLE}, configs)
+    pred = Image.open(output / "a_seg.png")
+    assert pred.size == (64, 48)
+
+
+@pytest.mark.slow
+def test_seg3d_bundle_trains_the_m4oe_swin_unetr(shared_data, tmp_path):
+    from pathlib import Path
+
+    from bundle_helpers import run_bundle
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "dex_seg3d" / "configs"
+    hippocampus = shared_data / "mr" / "hippocampus"
+    overrides = {"roi_size": [64, 64, 64], "epochs": 1, "batch_size": 1, "num_samples": 1, "num_workers": 0,
+                 "sw_batch_size": 1, "max_train_items": 1, "max_val_items": 1, "log_interval": 1, "overlay_images": 1,
+                 "dataset_dir": str(hippocampus), "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path / "eval"), "m4oe_modalities": ["MR", "CT"], **SWIN_BUNDLE}
+    run_bundle([str(configs / "train.json"), str(configs / "m4oe_swin.json")], overrides, configs)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert state["swinViT.layers4.0.blocks.0.mlp.experts.linear1_weight"].shape[0] == 2
+    assert state["swinViT.layers4.0.blocks.0.mlp.gate.weight"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------ stage handler and benchmark init
+def test_stage_handler_routes_each_batch_by_its_modality_then_switches_to_the_gate():
+    from monai.engines import SupervisedTrainer
+
+    from dex_monai.handlers import M4oEStageHandler
+
+    torch.manual_seed(0)
+    net = M4oESwinClassifier(1, 2, MODALITIES, m4oe_stage="gated", spatial_dims=2, **SWIN)
+    items = [{"image": torch.randn(1, 32, 32), "label": torch.tensor(i % 2), "modality": MODALITIES[i % 2]}
+             for i in range(8)]
+    seen = []
+    layer = net.m4oe_layers()[0]
+    layer.register_forward_pre_hook(lambda module, args: seen.append(
+        (module.stage, None if module._modality_ids is None else module._modality_ids.tolist())))
+    trainer = SupervisedTrainer(
+        device="cpu", max_epochs=1, train_data_loader=torch.utils.data.DataLoader(items, batch_size=2), network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.01), loss_function=torch.nn.CrossEntropyLoss(),
+        decollate=False,
+    )
+    M4oEStageHandler(net, "modality", expert_iterations=2).attach(trainer)
+    trainer.run()
+    # batches alternate CT, MR: ids [0, 1] every time; expert stage for 2 iterations, then gated
+    assert seen == [("expert", [0, 1]), ("expert", [0, 1]), ("gated", [0, 1]), ("gated", [0, 1])]
+    assert layer.stage == "gated" and layer._modality_ids is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name", ["mixed_seg2d", "busi_cls"])
+def test_benchmark_m4oe_swin_init(shared_data, task_name):
+    import math
+
+    import numpy as np
+
+    from dex_monai.benchmark import TASKS, BenchmarkConfig
+    from dex_monai.benchmark.transfer import _build_downstream, finetune
+
+    cfg = BenchmarkConfig(data_root=str(shared_data), tracking_uri="none", img_size=32, finetune_steps=2,
+                          finetune_batch=4, max_train=8, max_eval=8)
+    task = TASKS[task_name]
+    data = task.loader(shared_data, cfg, np.random.default_rng(cfg.seed))
+    model = _build_downstream(task, data, cfg, "m4oe_swin")
+    expected = {"mixed_seg2d": (M4oESwinUNETR, ["MR", "pathology"]), "busi_cls": (M4oESwinClassifier, [task.modality])}
+    assert type(model) is expected[task_name][0]
+    assert model.m4oe_layers()[0].modalities == expected[task_name][1]
+    metrics = finetune(task, data, cfg, "m4oe_swin", None, None, {})
+    assert math.isfinite(metrics["score"]) and 0.0 <= metrics["score"] <= 1.0

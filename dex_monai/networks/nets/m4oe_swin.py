@@ -32,9 +32,12 @@ def convert_swin_mlps_to_m4oe(
     gate: str = "experts",
     default_modality: str | None = None,
     dropout_rate: float = 0.0,
+    experts_from_mlp: bool = False,
 ) -> list[ModalityExpertLayer]:
     """Replace the MLP of every ``SwinTransformerBlock`` inside ``module`` by a :class:`ModalityExpertLayer` of the
-    same widths (every expert starts as a copy of the block's MLP), in place.
+    same widths, in place. The experts are initialised independently, or (``experts_from_mlp``) as copies of the
+    block's MLP. Identical experts under a uniform gate receive identical gradients and stay identical, so training
+    the gated stage from scratch needs independent experts; copies are for starting from a trained SwinUNETR.
 
     Returns:
         the new layers in depth order.
@@ -53,17 +56,22 @@ def convert_swin_mlps_to_m4oe(
             default_modality=default_modality,
             dropout_rate=dropout_rate,
         )
-        with torch.no_grad():
-            experts = layer.experts
-            experts.linear1_weight.copy_(mlp.linear1.weight.expand_as(experts.linear1_weight))
-            experts.linear1_bias.copy_(mlp.linear1.bias.expand_as(experts.linear1_bias))
-            experts.linear2_weight.copy_(mlp.linear2.weight.expand_as(experts.linear2_weight))
-            experts.linear2_bias.copy_(mlp.linear2.bias.expand_as(experts.linear2_bias))
+        if experts_from_mlp:
+            _copy_mlp_into_experts(mlp, layer)
         block.mlp = layer
         layers.append(layer)
     if not layers:
         raise ValueError(f"{type(module).__name__} holds no SwinTransformerBlock to convert.")
     return layers
+
+
+@torch.no_grad()
+def _copy_mlp_into_experts(mlp: nn.Module, layer: ModalityExpertLayer) -> None:
+    experts = layer.experts
+    experts.linear1_weight.copy_(mlp.linear1.weight.expand_as(experts.linear1_weight))
+    experts.linear1_bias.copy_(mlp.linear1.bias.expand_as(experts.linear1_bias))
+    experts.linear2_weight.copy_(mlp.linear2.weight.expand_as(experts.linear2_weight))
+    experts.linear2_bias.copy_(mlp.linear2.bias.expand_as(experts.linear2_bias))
 
 
 def swin_m4oe_layers(module: nn.Module) -> list[ModalityExpertLayer]:
@@ -83,6 +91,8 @@ class M4oESwinUNETR(M4oEHostMixin, SwinUNETR):
         m4oe_gate: ``"experts"`` (softmax over the experts, the paper) or ``"channel"`` (softmax over channels times
             the sum of the experts, the public code).
         default_modality: modality of every image in the expert stage when no per-image ids are set.
+        experts_from_mlp: every expert starts as a copy of its block's MLP (as initialised, or as loaded later by
+            the caller); default: independent experts (see :func:`convert_swin_mlps_to_m4oe`).
         kwargs: :class:`~monai.networks.nets.SwinUNETR`'s arguments (``spatial_dims``, ``feature_size`` (a multiple
             of 12), ``depths``, ``num_heads``, ``window_size``, ``drop_rate``, ...).
 
@@ -98,11 +108,13 @@ class M4oESwinUNETR(M4oEHostMixin, SwinUNETR):
         m4oe_stage: str = "gated",
         m4oe_gate: str = "experts",
         default_modality: str | None = None,
+        experts_from_mlp: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(in_channels, out_channels, **kwargs)
         convert_swin_mlps_to_m4oe(
-            self.swinViT, modalities, m4oe_stage, m4oe_gate, default_modality, kwargs.get("drop_rate", 0.0)
+            self.swinViT, modalities, m4oe_stage, m4oe_gate, default_modality, kwargs.get("drop_rate", 0.0),
+            experts_from_mlp,
         )
 
     def m4oe_layers(self) -> list[ModalityExpertLayer]:
