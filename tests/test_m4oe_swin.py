@@ -80,6 +80,9 @@ def test_expert_stage_routes_each_image_by_its_modality():
     torch.testing.assert_close(out[:1], with_mr(x[:1]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1:], with_ct(x[1:]), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out[:1], with_ct(x[:1]), atol=1e-3)
+    from monai.data import MetaTensor  # a MONAI batch (per-image metadata) is routed the same way
+
+    torch.testing.assert_close(net(MetaTensor(x)), out)
     # without per-image modalities the expert stage needs a default modality
     net.set_modality_ids(None)
     with pytest.raises(ValueError, match="modality of every image"):

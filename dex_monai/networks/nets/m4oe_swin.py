@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from monai.data import MetaTensor
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import SwinTransformer, SwinTransformerBlock
 
@@ -121,6 +122,15 @@ class M4oESwinUNETR(M4oEHostMixin, SwinUNETR):
         """The M4oE layers of the Swin encoder in depth order."""
         return swin_m4oe_layers(self.swinViT)
 
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        """``[B, C, *spatial] -> [B, out_channels, *spatial]``."""
+        return super().forward(_plain(x_in))
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """The experts regroup images along the batch axis; per-image metadata does not follow (as in the ViT)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
 
 class M4oESwinClassifier(M4oEHostMixin, nn.Module):
     """Classification on the M4oE Swin encoder: the deepest stage's features ``[B, 16 * feature_size, *spatial/32]``,
@@ -175,5 +185,5 @@ class M4oESwinClassifier(M4oEHostMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, *spatial] -> [B, num_classes]``."""
-        deepest = self.swinViT(x, normalize=True)[-1]
+        deepest = self.swinViT(_plain(x), normalize=True)[-1]
         return self.head(deepest.flatten(2).mean(-1))
