@@ -186,7 +186,8 @@ def test_seg2d_bundle_expert_stage_then_gated_stage_then_inference(tmp_path):
     datalist.write_text(json.dumps({"training": items[:3], "validation": items[3:]}))
     common = {"roi_size": [64, 64], "epochs": 1, "batch_size": 2, "num_samples": 1, "num_workers": 0,
               "sw_batch_size": 2, "log_interval": 1, "overlay_images": 1, "datalist": str(datalist),
-              "dataset_dir": str(tmp_path), "m4oe_modalities": ["X-ray", "ultrasound"], **SWIN_BUNDLE}
+              "dataset_dir": str(tmp_path), "m4oe_modalities": ["X-ray", "ultrasound"], "mlflow_tracking": False,
+              **SWIN_BUNDLE}
     stage_configs = [str(configs / "train.json"), str(configs / "m4oe_swin.json")]
     expert_dir = tmp_path / "expert"
     run_bundle(stage_configs, {**common, "m4oe_stage": "expert", "m4oe_default_modality": "X-ray",
@@ -219,7 +220,7 @@ def test_seg2d_bundle_expert_stage_then_gated_stage_then_inference(tmp_path):
     run_bundle([str(configs / "inference.json"), str(configs / "m4oe_swin.json")],
                {"roi_size": [64, 64], "num_workers": 0, "bundle_root": str(gated_dir), "ckpt_dir": str(gated_dir / "models"),
                 "input_dir": str(inputs), "output_dir": str(output), "m4oe_modalities": ["X-ray", "ultrasound"],
-                **SWIN_BUNDLE}, configs)
+                "mlflow_tracking": False, **SWIN_BUNDLE}, configs)
     pred = Image.open(output / "a_seg.png")
     assert pred.size == (64, 48)
 
@@ -235,7 +236,8 @@ def test_seg3d_bundle_trains_the_m4oe_swin_unetr(shared_data, tmp_path):
     overrides = {"roi_size": [64, 64, 64], "epochs": 1, "batch_size": 1, "num_samples": 1, "num_workers": 0,
                  "sw_batch_size": 1, "max_train_items": 1, "max_val_items": 1, "log_interval": 1, "overlay_images": 1,
                  "dataset_dir": str(hippocampus), "ckpt_dir": str(tmp_path / "models"),
-                 "output_dir": str(tmp_path / "eval"), "m4oe_modalities": ["MR", "CT"], **SWIN_BUNDLE}
+                 "output_dir": str(tmp_path / "eval"), "m4oe_modalities": ["MR", "CT"], "mlflow_tracking": False,
+                 **SWIN_BUNDLE}
     run_bundle([str(configs / "train.json"), str(configs / "m4oe_swin.json")], overrides, configs)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["swinViT.layers4.0.blocks.0.mlp.experts.linear1_weight"].shape[0] == 2
