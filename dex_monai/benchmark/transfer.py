@@ -61,6 +61,7 @@ INITS: dict[str, tuple[str | None, dict]] = {
     "m4oe": ("m4oe", {"mlp_type": "m4oe", "m4oe_stage": "gated"}),  # experts pre-trained on their own modality
     # UMD's TD-Calib (an interpretation): dex_umd pre-training continued on the task's own train images, no labels
     "td_calib": ("dex_umd", {"mode": None}),
+    "m4oe_swin": (None, {"network": "m4oe_swin"}),  # M4oE's own host: Swin UNETR, expert then gated stage per task
 }
 
 
@@ -186,6 +187,10 @@ def _build_downstream(
     in_channels = data.train_x.shape[1]
     size = cfg.img_size if task.spatial_dims == 2 else cfg.volume_size
     settings = dict(INITS[init][1])
+    if settings.get("network") == "m4oe_swin":
+        from dex_monai.benchmark.m4oe_swin import build_m4oe_swin
+
+        return build_m4oe_swin(task, data, in_channels, size)
     if "mode" in settings:
         settings["mode"] = settings["mode"] or cfg.dex_finetune_mode
     if settings.get("mlp_type") == "m4oe":
@@ -286,6 +291,10 @@ def finetune(
     )
     trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
                               lambda engine: torch.nn.utils.clip_grad_norm_(params, 1.0))
+    if INITS[init][1].get("network") == "m4oe_swin":
+        from dex_monai.benchmark.m4oe_swin import attach_two_stage_schedule
+
+        attach_two_stage_schedule(trainer, model, expert_steps=cfg.finetune_steps // 2)
     start = time.perf_counter()
     trainer.run()
     metrics = _evaluate(model, data, cfg.finetune_batch)

@@ -16,7 +16,13 @@ import torch
 from dex_monai.engines.checkpoint import find_latest_checkpoint
 from dex_monai.engines.utils import unwrap_network
 
-__all__ = ["INIT_MODES", "initialise_network", "load_pretraining_checkpoint", "resolve_checkpoint"]
+__all__ = [
+    "INIT_MODES",
+    "initialise_m4oe_swin",
+    "initialise_network",
+    "load_pretraining_checkpoint",
+    "resolve_checkpoint",
+]
 
 
 logger = logging.getLogger(__name__)
@@ -179,3 +185,32 @@ def load_pretraining_checkpoint(
         raise ValueError(f"pretrained checkpoint {name} does not fit {type(net).__name__}:\n{report.summary()}")
     logger.info(f"continuing pre-training from {name}:\n{report.summary()}")
     return report
+def initialise_m4oe_swin(
+    network: torch.nn.Module, init: str = "scratch", checkpoint: str | os.PathLike | None = None
+) -> list[str] | None:
+    """Initialise an :class:`~dex_monai.networks.M4oESwinUNETR` before training: from scratch, or (``checkpoint``) from
+    an M4oE Swin UNETR checkpoint of the same modalities, e.g. the expert stage's ``models/model.pt`` before the gated
+    stage. The ViT encoders' ``init="dex"`` / ``"dense"`` checkpoints do not fit a Swin encoder and are refused.
+
+    Returns:
+        the checkpoint's keys that were loaded, or None from scratch.
+
+    Raises:
+        ValueError: ``init`` other than ``"scratch"``; a checkpoint that does not fit (strict load).
+    """
+    from dex_monai.networks.convert import read_state_dict
+
+    if str(init).lower() != "scratch":
+        raise ValueError(
+            f"init={init!r}: the M4oE Swin UNETR has no ViT encoder to take a DEX/dense checkpoint; start from scratch "
+            "or give an M4oE Swin UNETR checkpoint as `m4oe_checkpoint`."
+        )
+    path = resolve_checkpoint(checkpoint)
+    if path is None:
+        logger.info("training the M4oE Swin UNETR from scratch (every expert starts as its block's initial MLP).")
+        return None
+    net = unwrap_network(network)
+    state = read_state_dict(path)
+    net.load_state_dict(state, strict=True)
+    logger.info(f"initialised {type(net).__name__} from M4oE Swin checkpoint {path} ({len(state)} tensors).")
+    return list(state)

@@ -46,3 +46,5 @@ __all__ = [
     "plot_usage",
     "usage_to_json",
 ]
+from dex_monai.handlers.m4oe import M4oEStageHandler
+__all__ += ["M4oEStageHandler"]

@@ -17,6 +17,7 @@ from dex_monai.networks.blocks import (
     top_k_schedule,
 )
 from dex_monai.networks.nets import DEXClassifier, DEXMaskedAutoEncoder, DEXUNETR, DEXViT, patchify, unpatchify
+from dex_monai.networks.nets import M4oESwinClassifier, M4oESwinUNETR
 from dex_monai.networks import convert
 from dex_monai.networks.convert import ConversionReport, export_to_monai, load_encoder_weights
 from dex_monai.networks.kernel import adapt_patch_kernel

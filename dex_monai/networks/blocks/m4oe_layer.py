@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from dex_monai.networks.blocks.dex_layer import StackedExpertMLP
 
-__all__ = ["ModalityExpertLayer", "M4OE_STAGES", "M4OE_GATES"]
+__all__ = ["ModalityExpertLayer", "M4oEHostMixin", "M4OE_STAGES", "M4OE_GATES"]
 
 M4OE_STAGES = ("expert", "gated")
 M4OE_GATES = ("experts", "channel")
@@ -44,8 +44,9 @@ class ModalityExpertLayer(nn.Module):
         default_modality: modality used in the expert stage when no per-image ids were set.
         dropout_rate: dropout inside the experts.
 
-    Input and output ``[B, N, D]``. After a gated forward, ``last_gates`` holds the gate ``[B, N, E]`` (or
-    ``[B, N, D]`` for the channel gate).
+    Input and output ``[B, N, D]``, or channel-last ``[B, *spatial, D]`` (a Swin block's tokens, e.g.
+    ``[B, H, W, D]``), which is flattened to ``N = prod(spatial)`` tokens. After a gated forward, ``last_gates``
+    holds the gate ``[B, N, E]`` (or ``[B, N, D]`` for the channel gate).
     """
 
     def __init__(
@@ -151,8 +152,14 @@ class ModalityExpertLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            x: ``[B, N, D]``.
+            x: ``[B, N, D]`` or ``[B, *spatial, D]``; the output has the same shape.
         """
+        if x.dim() != 3:
+            return self._forward_tokens(x.reshape(x.shape[0], -1, x.shape[-1])).reshape(x.shape)
+        return self._forward_tokens(x)
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D] -> [B, N, D]`` in the current stage."""
         batch = x.shape[0]
         zero = x.new_zeros(())
         self.alignment_loss = self.balance_loss = zero
@@ -182,3 +189,30 @@ class ModalityExpertLayer(nn.Module):
         self.last_gates = gates.detach()
         self.routing = {}
         return gates * outputs.sum(0)
+
+
+class M4oEHostMixin:
+    """The M4oE controls of a network that hosts :class:`ModalityExpertLayer` s (the ViT or the Swin UNETR).
+
+    The host defines ``m4oe_layers()``, its M4oE layers in depth order (empty when it has none).
+    """
+
+    def m4oe_layers(self) -> list[ModalityExpertLayer]:
+        raise NotImplementedError
+
+    def set_modality_ids(self, ids: torch.Tensor | Sequence[int | str] | None) -> None:
+        """M4oE: modality (name or expert id) of every image of the next forward passes; ``None`` clears."""
+        for layer in self.m4oe_layers():
+            layer.set_modality_ids(ids)
+
+    def set_m4oe_stage(self, stage: str) -> None:
+        """M4oE: ``"expert"`` (hard routing by modality) or ``"gated"`` (learned gate)."""
+        for layer in self.m4oe_layers():
+            layer.set_stage(stage)
+
+    def add_modality(self, name: str, init_from: str | None = None) -> None:
+        """M4oE: add an expert for a new modality in every layer, leaving the other modalities' outputs unchanged."""
+        if not self.m4oe_layers():
+            raise ValueError("add_modality needs M4oE layers (mlp_type='m4oe').")
+        for layer in self.m4oe_layers():
+            layer.add_modality(name, init_from)

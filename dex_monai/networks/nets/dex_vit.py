@@ -13,7 +13,7 @@ from monai.utils import ensure_tuple_rep
 
 from dex_monai.networks.blocks.dex_layer import ALIGNMENT_LOSSES, DEX_MODES, ROUTING_TYPES, DEXLayer
 from dex_monai.networks.blocks.dex_transformer import DEXTransformerBlock, expert_schedule, top_k_schedule
-from dex_monai.networks.blocks.m4oe_layer import ModalityExpertLayer
+from dex_monai.networks.blocks.m4oe_layer import M4oEHostMixin, ModalityExpertLayer
 
 __all__ = ["DEXViT", "check_image_geometry"]
 
@@ -38,7 +38,7 @@ def check_image_geometry(
     return tuple(int(i) for i in img), tuple(int(p) for p in patch)
 
 
-class DEXViT(nn.Module):
+class DEXViT(M4oEHostMixin, nn.Module):
     """Vision transformer encoder whose MLPs are DEX layers, for ``spatial_dims`` 2 or 3.
 
     Built from MONAI blocks (``PatchEmbeddingBlock``, ``SABlock``, ``MLPBlock``), with a CLS token prepended to the
@@ -188,23 +188,6 @@ class DEXViT(nn.Module):
     def m4oe_layers(self) -> list[ModalityExpertLayer]:
         """The M4oE layers in depth order (empty unless ``mlp_type="m4oe"``)."""
         return [blk.m4oe for blk in self.blocks] if self.mlp_type == "m4oe" else []
-
-    def set_modality_ids(self, ids) -> None:
-        """M4oE: modality (name or expert id) of every image of the next forward passes; ``None`` clears."""
-        for layer in self.m4oe_layers():
-            layer.set_modality_ids(ids)
-
-    def set_m4oe_stage(self, stage: str) -> None:
-        """M4oE: ``"expert"`` (hard routing by modality) or ``"gated"`` (learned gate)."""
-        for layer in self.m4oe_layers():
-            layer.set_stage(stage)
-
-    def add_modality(self, name: str, init_from: str | None = None) -> None:
-        """M4oE: add an expert for a new modality in every layer, leaving the other modalities' outputs unchanged."""
-        if not self.m4oe_layers():
-            raise ValueError("add_modality needs mlp_type='m4oe'.")
-        for layer in self.m4oe_layers():
-            layer.add_modality(name, init_from)
 
     def set_mode(self, mode: str) -> None:
         """Set the mode of every DEX layer (``"pretrain"``, ``"experts"`` or ``"director"``)."""
