@@ -20,3 +20,5 @@ from dex_monai.networks.nets import DEXClassifier, DEXMaskedAutoEncoder, DEXUNET
 from dex_monai.networks import convert
 from dex_monai.networks.convert import ConversionReport, export_to_monai, load_encoder_weights
 from dex_monai.networks.kernel import adapt_patch_kernel
+from dex_monai.networks.blocks import ComposedTargets, ComposedVocabulary
+from dex_monai.networks.nets import UNIMED_TASKS, UniMed, UniMedTaskView

@@ -1,3 +1,4 @@
 from dex_monai.networks.nets.dex_downstream import DEXClassifier, DEXUNETR
 from dex_monai.networks.nets.dex_mae import DEXMaskedAutoEncoder, patchify, unpatchify
 from dex_monai.networks.nets.dex_vit import DEXViT
+from dex_monai.networks.nets.unimed import UNIMED_TASKS, UniMed, UniMedTaskView
