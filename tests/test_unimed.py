@@ -18,6 +18,7 @@ from bundle_helpers import files_under, folder_digest, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "dex_unimed" / "configs"
+CLASSES = ["benign", "malignant", "normal"]
 ENCODER = {"hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 2, "num_experts": 4, "top_k": 2}
 
 
@@ -169,9 +170,9 @@ def test_bundle_joint_training_and_inference(shared_data, tmp_path):
     em, busi = shared_data / "em" / "isbi2012", shared_data / "us" / "busi"
     items = [{"image": str(em / "image" / f"{i}.png"), "label": str(em / "label" / f"{i}.png"), "modality": "range"}
              for i in range(3)]
-    items += [{"image": str(busi / c / f"{c} ({i}).png"), "label": c, "modality": "ultrasound"}
-              for c, i in (("benign", 1), ("malignant", 1), ("normal", 1))]
-    items += [{"image": str(busi / "benign" / f"benign ({i}).png"), "modality": "ultrasound"} for i in (2, 3)]
+    pictures = {c: sorted(p for p in (busi / c).glob("*.png") if "_mask" not in p.name) for c in CLASSES}
+    items += [{"image": str(pictures[c][0]), "label": c, "modality": "ultrasound"} for c in CLASSES]
+    items += [{"image": str(p), "modality": "ultrasound"} for p in pictures["benign"][1:3]]  # unlabelled
     datalist = tmp_path / "mixed.json"
     datalist.write_text(json.dumps({"training": items}))
     root = tmp_path / "bundle"
@@ -184,7 +185,7 @@ def test_bundle_joint_training_and_inference(shared_data, tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     shutil.copy(em / "image" / "5.png", inputs / "em5.png")
-    shutil.copy(busi / "malignant" / "malignant (2).png", inputs / "malignant2.png")
+    shutil.copy(pictures["malignant"][1], inputs / "malignant2.png")
     before = folder_digest(inputs)
     out = tmp_path / "predictions"
     run_bundle(["configs/inference.json"], {**common, "input_dir": str(inputs), "output_dir": str(out),
@@ -200,5 +201,23 @@ def test_bundle_joint_training_and_inference(shared_data, tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(Path(r["image"]).name for r in rows) == ["em5.png", "malignant2.png"]
     for row in rows:
-        probs = [float(row[f"prob_{c}"]) for c in ("benign", "malignant", "normal")]
-        assert sum(probs) == pytest.approx(1.0, abs=1e-4) and row["predicted_class"] == ["benign", "malignant", "normal"][int(np.argmax(probs))]
+        probs = [float(row[f"prob_{c}"]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4) and row["predicted_class"] == CLASSES[int(np.argmax(probs))]
+
+
+# ---------------------------------------------------------------------------------------- the transfer benchmark
+@pytest.mark.slow
+def test_transfer_benchmark_unimed_init(shared_data, tmp_path):
+    from dex_monai.benchmark import BenchmarkConfig, run_transfer_benchmark
+
+    cfg = BenchmarkConfig(
+        data_root=str(shared_data), out_dir=str(tmp_path), tracking_uri="none",
+        tasks=("em_membrane_seg", "busi_cls", "hippocampus_seg3d"), inits=("unimed",), img_size=32, volume_size=16,
+        patch_size=8, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4, num_experts=3, decoder_hidden_size=24,
+        pretrain_steps=2, pretrain_batch=6, pretrain_images_per_modality=6, finetune_steps=2, finetune_batch=4,
+        max_train=8, max_eval=8, probe_images_per_modality=6,
+    )
+    result = run_transfer_benchmark(cfg)
+    scores = {task: row["unimed"] for task, row in result["table"].items()}
+    assert set(scores) == {"em_membrane_seg", "busi_cls", "hippocampus_seg3d"}
+    assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in scores.values()), scores
