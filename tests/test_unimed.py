@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import files_under, folder_digest, run_bundle
+from bundle_helpers import files_under, folder_digest, read_failures, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "dex_unimed" / "configs"
@@ -186,12 +186,14 @@ def test_bundle_joint_training_and_inference(shared_data, tmp_path):
     inputs.mkdir()
     shutil.copy(em / "image" / "5.png", inputs / "em5.png")
     shutil.copy(pictures["malignant"][1], inputs / "malignant2.png")
+    (inputs / "broken.png").write_bytes(b"not a picture")  # failure-tolerant: listed, the others predicted
     before = folder_digest(inputs)
     out = tmp_path / "predictions"
     run_bundle(["configs/inference.json"], {**common, "input_dir": str(inputs), "output_dir": str(out),
-                                           "num_workers": 0}, CONFIGS, cwd=root)
+                                           "num_workers": 0}, CONFIGS, cwd=root, expect_exit=1)
     assert folder_digest(inputs) == before  # nothing written beside the inputs
-    assert files_under(out) == {"em5_seg.png", "malignant2_seg.png", "classes.csv"}
+    assert files_under(out) == {"em5_seg.png", "malignant2_seg.png", "classes.csv", "failed.csv"}
+    assert set(read_failures(out)) == {"broken.png"}
     from PIL import Image
 
     for name, source in (("em5_seg.png", "em5.png"), ("malignant2_seg.png", "malignant2.png")):
