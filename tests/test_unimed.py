@@ -223,3 +223,13 @@ def test_transfer_benchmark_unimed_init(shared_data, tmp_path):
     scores = {task: row["unimed"] for task, row in result["table"].items()}
     assert set(scores) == {"em_membrane_seg", "busi_cls", "hippocampus_seg3d"}
     assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in scores.values()), scores
+
+
+def test_bundle_metadata_verifies():
+    from monai.bundle import verify_metadata
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    outputs = meta["network_data_format"]["outputs"]
+    assert list(outputs["classification"]["channel_def"].values()) == CLASSES
+    assert json.loads((CONFIGS / "train.json").read_text())["class_names"] == CLASSES
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(REPO / "bundles" / "schemas" / "meta_schema_20240725.json"))
