@@ -45,6 +45,8 @@ from dex_monai.networks import (
     DEXUNETR,
     DEXClassifier,
     DEXMaskedAutoEncoder,
+    UniMed,
+    UniMedTaskView,
     load_encoder_weights,
 )
 
@@ -62,6 +64,7 @@ INITS: dict[str, tuple[str | None, dict]] = {
     # UMD's TD-Calib (an interpretation): dex_umd pre-training continued on the task's own train images, no labels
     "td_calib": ("dex_umd", {"mode": None}),
     "m4oe_swin": (None, {"network": "m4oe_swin"}),  # M4oE's own host: Swin UNETR, expert then gated stage per task
+    "unimed": ("dex", {"mode": None, "decoder": "unimed"}),  # the DEX encoder fine-tuned through UniMed's decoders
 }
 
 
@@ -191,6 +194,7 @@ def _build_downstream(
         from dex_monai.benchmark.m4oe_swin import build_m4oe_swin
 
         return build_m4oe_swin(task, data, in_channels, size)
+    decoder = settings.pop("decoder", None)
     if "mode" in settings:
         settings["mode"] = settings["mode"] or cfg.dex_finetune_mode
     if settings.get("mlp_type") == "m4oe":
@@ -199,6 +203,10 @@ def _build_downstream(
         hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         num_experts=cfg.num_experts, top_k=cfg.top_k, **settings,
     )
+    if decoder == "unimed":  # one task at a time: the other level gets the smallest vocabulary
+        segmentation = data.kind == "segmentation"
+        return UniMed(in_channels, 1 if segmentation else data.num_classes, data.num_classes if segmentation else 2,
+                      size, cfg.patch_size, spatial_dims=task.spatial_dims, pixel_embedding_size=8, **kwargs)
     if data.kind == "segmentation":
         return DEXUNETR(in_channels, data.num_classes, size, cfg.patch_size, spatial_dims=task.spatial_dims,
                         feature_size=8, **kwargs)
@@ -253,7 +261,8 @@ def finetune(
     from monai.transforms import RandFlipd
 
     from dex_monai.handlers import GMCoordHandler, ProgressBarHandler
-    from dex_monai.losses import GMCoordLoss
+    from dex_monai.engines.unimed import PrepareUniMedBatch
+    from dex_monai.losses import GMCoordLoss, UniMedLoss
 
     torch.manual_seed(cfg.seed)
     model = _build_downstream(task, data, cfg, init, modality_names)
@@ -265,7 +274,12 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.05)
     segmentation = data.kind == "segmentation"
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if segmentation else torch.nn.CrossEntropyLoss()
-    coordinated = cfg.gm_coord and data.train_modalities is not None
+    unimed = {}  # UniMed: its joint loss on the task's annotations in the composed token format
+    if isinstance(model, UniMed):
+        classes = (model.vocabulary.num_image_classes, model.vocabulary.num_pixel_classes)
+        loss_fn = UniMedLoss(*classes)
+        unimed = {"prepare_batch": PrepareUniMedBatch(*classes, label_kind=data.kind, consistency_views=False)}
+    coordinated = cfg.gm_coord and data.train_modalities is not None and not unimed
     if coordinated:
         loss_fn = GMCoordLoss(loss_fn, alpha=cfg.gm_coord_alpha)
     items = [{"image": data.train_x[i], "label": data.train_y[i]} for i in range(len(data.train_x))]
@@ -287,7 +301,7 @@ def finetune(
     handlers += [tracking] if tracking else []
     trainer = SupervisedTrainer(
         device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.finetune_steps, cfg.finetune_batch),
-        network=model, optimizer=optimizer, loss_function=loss_fn, train_handlers=handlers, decollate=False,
+        network=model, optimizer=optimizer, loss_function=loss_fn, train_handlers=handlers, decollate=False, **unimed,
     )
     trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
                               lambda engine: torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -297,7 +311,7 @@ def finetune(
         attach_two_stage_schedule(trainer, model, expert_steps=cfg.finetune_steps // 2)
     start = time.perf_counter()
     trainer.run()
-    metrics = _evaluate(model, data, cfg.finetune_batch)
+    metrics = _evaluate(UniMedTaskView(model, data.kind) if unimed else model, data, cfg.finetune_batch)
     if coordinated:
         metrics.update({f"gm_coef_{m}": k for m, k in loss_fn.coefficients.items()})
     metrics["train_seconds"] = time.perf_counter() - start

@@ -52,3 +52,4 @@ from dex_monai.engines.utils import (
     pretrain_dataset,
     unwrap_network,
 )
+from dex_monai.engines.unimed import UNIMED_LABEL_KINDS, PrepareUniMedBatch  # noqa: E402

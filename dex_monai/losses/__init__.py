@@ -5,3 +5,6 @@
 from dex_monai.losses.gm_coord import GM_COORD_STATUS, GMCoordLoss, gm_coefficient
 
 __all__ = ["GM_COORD_STATUS", "GMCoordLoss", "gm_coefficient"]
+from dex_monai.losses.unimed import CONSISTENCY_FLIP_DIM, UniMedLoss  # noqa: E402
+
+__all__ += ["CONSISTENCY_FLIP_DIM", "UniMedLoss"]

@@ -22,3 +22,5 @@ from dex_monai.networks import convert
 from dex_monai.networks.convert import ConversionReport, export_to_monai, load_encoder_weights
 from dex_monai.networks.kernel import adapt_patch_kernel
 from dex_monai.networks.blocks.dex_transformer import set_layer_norm_eps
+from dex_monai.networks.blocks import ComposedTargets, ComposedVocabulary
+from dex_monai.networks.nets import UNIMED_TASKS, UniMed, UniMedTaskView

@@ -283,6 +283,8 @@ def encoder_of(model: nn.Module) -> tuple[DEXViT, str]:
         return model.vit, "vit."
     if isinstance(model, (DEXClassifier, DEXMaskedAutoEncoder)):
         return model.encoder, "encoder."
+    if isinstance(getattr(model, "encoder", None), DEXViT):  # e.g. UniMed
+        return model.encoder, "encoder."
     raise TypeError(f"cannot load DEX encoder weights into {type(model).__name__}.")
 
 

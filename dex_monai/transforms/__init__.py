@@ -95,3 +95,6 @@ __all__ = [
     "slice_foreground_ratios",
     "slice_volume",
 ]
+from dex_monai.transforms.mixed import MISSING_MASK_VALUE, CompleteMaskd  # noqa: E402
+
+__all__ += ["MISSING_MASK_VALUE", "CompleteMaskd"]
