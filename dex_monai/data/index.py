@@ -14,7 +14,8 @@ for the metadata; the pixels are then decoded once to reject what cannot be used
 unsupported, unknown modality, no pixel data). Label / mask files go to ``label_files`` (and are
 attached as ``label`` to their image when the layout pairs them). A modality summary is printed
 at the end. The run exits non-zero only when nothing usable was found. Source files are only read.
-The JSON is deterministic: re-running on the same folders gives the same file.
+The JSON is deterministic: re-running on the same folders gives the same file, whatever ``--workers`` (processes
+that check the files, :mod:`dex_monai.data.index_scan`).
 """
 
 from __future__ import annotations
