@@ -79,3 +79,15 @@ def test_tasks_keep_dicom_folders_whole(archive):
     # every file in exactly one task
     listed = sorted(os.path.join(t[1], n) for t in tasks for n in t[2])
     assert listed == sorted(str(p) for p in archive.rglob("*") if p.is_file())
+
+
+def test_plan_drops_files_met_twice(tmp_path):
+    """A file is scanned once: a link to it, or the same folder reached through a linked folder, is left out."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"x")
+    (root / "z.png").symlink_to(root / "a.png")
+    (tmp_path / "alias").symlink_to(root, target_is_directory=True)
+    plan, missing = plan_scan([str(root), str(tmp_path / "alias"), str(tmp_path / "nowhere")], set())
+    assert [(folder, files) for _, folder, files in plan] == [(str(root), ["a.png"]), (str(tmp_path / "alias"), [])]
+    assert missing == [str(tmp_path / "nowhere")]

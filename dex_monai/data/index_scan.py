@@ -48,8 +48,10 @@ def plan_scan(sources: Sequence[str], seen: set[str]) -> tuple[list[ScanTask], l
         for folder, dirs, files in walk:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             kept = []
+            real_folder = os.path.realpath(folder)
             for name in sorted(f for f in files if not f.startswith(".")):
-                real = os.path.realpath(os.path.join(folder, name))
+                path = os.path.join(folder, name)  # its real path: the folder's, unless the file itself is a link
+                real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_folder, name)
                 if real not in seen:
                     seen.add(real)
                     kept.append(name)
