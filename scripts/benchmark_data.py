@@ -23,7 +23,7 @@ costs the same with or without the cache, so it is not part of the 3x requiremen
 Usage::
 
     python scripts/benchmark_data.py [--data DIR] [--cache-dir DIR] [--max-hippocampus 40] [--augment] \\
-        [--loader-workers 2] [--batch 32] [--loader-batches 20] [--step-config S] [--device cpu] [--steps 5]
+        [--loader-workers 2] [--batch 32] [--loader-batches 20] [--step-config S] [--device cpu] [--steps 5] [--step-threads 0]
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-config", choices=sorted(STEP_CONFIGS), default="S")
     p.add_argument("--device", default="cpu", help="device of the DEX step")
     p.add_argument("--steps", type=int, default=5, help="timed DEX steps")
+    p.add_argument("--step-threads", type=int, default=0, help="torch threads of the DEX step (0: every core)")
     args = p.parse_args(argv)
 
     import itk  # noqa: F401  (ITK loads its modules lazily: do it before timing)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.loader_workers > 0:
             loader_rate, u_l = loader_slices_per_second(dicom + nifti, cache, args.img_size, args.loader_workers,
                                                         args.batch, args.loader_batches)  # fmt: skip
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+            torch.set_num_threads(args.step_threads or os.cpu_count() or 1)
             step_rate = dex_images_per_second(args.step_config, args.img_size, args.batch, args.steps, args.device)
     finally:
         if not args.cache_dir:
