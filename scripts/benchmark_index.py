@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -54,12 +55,22 @@ def make_archive(data: Path, out: Path, n_files: int) -> int:
     return copied
 
 
-def _time_index(archive: Path, rules, workers: int, check_pixels: bool) -> tuple[float, str]:
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its ended child processes (the index workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _time_index(archive: Path, rules, workers: int, check_pixels: bool) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds of this process, CPU seconds of the workers, datalist JSON)."""
     from dex_monai.data import build_datalist
 
+    own, children = _cpu_seconds()
     t0 = time.perf_counter()
     datalist = build_datalist([archive], rules=rules, check_pixels=check_pixels, progress=False, workers=workers)
-    return time.perf_counter() - t0, json.dumps(datalist, indent=2)
+    seconds = time.perf_counter() - t0
+    own2, children2 = _cpu_seconds()
+    return seconds, own2 - own, children2 - children, json.dumps(datalist, indent=2)
 
 
 def _peak_rss_mb(archive: Path, out: Path, rules: Path, workers: int, header_only: bool) -> float:
@@ -93,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         reference = None
         for r in range(args.repeats):
             for w in (1, args.workers) if r % 2 == 0 else (args.workers, 1):
-                seconds, text = _time_index(work / "archive", rules, w, not args.header_only)
+                seconds, cpu_main, cpu_workers, text = _time_index(work / "archive", rules, w, not args.header_only)
                 reference = reference or text
                 if text != reference:
                     print(f"FAIL: the datalist with {w} worker(s) differs", file=sys.stderr)
                     return 1
                 times[w].append(seconds)
-                print(f"repeat {r}: {w} worker(s) {seconds:.2f} s, {n / seconds:.0f} files/s", flush=True)
+                print(f"repeat {r}: {w} worker(s) {seconds:.2f} s, {n / seconds:.0f} files/s; CPU s: main "
+                      f"{cpu_main:.2f}, workers {cpu_workers:.2f}", flush=True)  # fmt: skip
         med = {w: statistics.median(t) for w, t in times.items()}
         entries = json.loads(reference)["numTraining"]
         print(f"archive: {n} files ({entries} entries), pixel checks {'off' if args.header_only else 'on'}")
