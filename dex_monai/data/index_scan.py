@@ -15,6 +15,7 @@ number of workers. Workers return only the small JSON-ready dicts of the entries
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -101,5 +102,9 @@ def run_scan(
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(scan,)) as pool:
-        yield from pool.imap(_run_in_worker, tasks, chunksize=1)
+    gc.freeze()  # forked workers then neither scan nor copy the parent's objects in their garbage collections
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(scan,)) as pool:
+            yield from pool.imap(_run_in_worker, tasks, chunksize=1)
+    finally:
+        gc.unfreeze()
