@@ -60,7 +60,8 @@ def test_cached_epoch_does_not_decode(items, tmp_path, monkeypatch):
     first = SliceDataset(items, cache_dir=tmp_path, progress=False)
     arrays = [first[i]["image"] for i in range(len(first))]
     files = list(Path(tmp_path).rglob("*.npy"))
-    assert len(files) == len(first)
+    assert len(files) == len(items)  # one shard per unit: no volume here has more than SLICES_PER_SHARD slices
+    assert sum(np.load(f, mmap_mode="r", allow_pickle=False).shape[0] for f in files) == len(first)
     _forbid_decoding(monkeypatch)
     second = SliceDataset(items, cache_dir=tmp_path, progress=False)
     assert second.decoded_units == 0 and len(second) == len(first)

@@ -201,9 +201,8 @@ def test_resume_after_kill(tmp_path, data_dirs):
     assert len(step7) == 2 and step7[0] == pytest.approx(step7[1])  # logged before the kill and after the resume
 
 
-def test_ddp_two_processes(tmp_path, data_dirs):
-    """``torchrun --nproc_per_node=2`` (gloo on CPU): completes, only rank 0 writes, directors equal on both ranks."""
-    out = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")}
+def _directors_dump(tmp_path: Path) -> Path:
+    """A config whose ``finalize`` saves each rank's director weights as ``tmp_path/directors_rank<R>.pt``."""
     dump = tmp_path / "dump.json"
     dump.write_text(
         json.dumps(
@@ -216,7 +215,13 @@ def test_ddp_two_processes(tmp_path, data_dirs):
             }
         )
     )
-    configs = "['configs/train.json','configs/multi_gpu_train.json','" + str(dump) + "']"
+    return dump
+
+
+def test_ddp_two_processes(tmp_path, data_dirs):
+    """``torchrun --nproc_per_node=2`` (gloo on CPU): completes, only rank 0 writes, directors equal on both ranks."""
+    out = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")}
+    configs = "['configs/train.json','configs/multi_gpu_train.json','" + str(_directors_dump(tmp_path)) + "']"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "--config_file", configs]
     proc = _run(cmd + _args({**TINY, **data_dirs, **out, "samples_per_epoch": 40}), cwd=BUNDLE)
@@ -234,6 +239,37 @@ def test_ddp_two_processes(tmp_path, data_dirs):
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
     assert runs[0].data.params["world_size"] == "2"
     assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == ITERATIONS
+
+
+def test_multi_node_two_launches(tmp_path, data_dirs):
+    """``torchrun --nnodes 2`` simulated on 127.0.0.1: two launches (``--node_rank`` 0 and 1, one process each, gloo)
+    pre-train together as one world of 2; both ranks end with the same directors, the ones rank 0 saved."""
+    from test_ddp_directors import _free_port
+
+    out = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"), "epochs": 1}
+    configs = "['configs/train.json','configs/multi_gpu_train.json','" + str(_directors_dump(tmp_path)) + "']"
+    port = _free_port()
+    launches = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+               "-m", "monai.bundle", "run", "--config_file", configs]  # fmt: skip
+        args = _args({**TINY, **data_dirs, **out, "samples_per_epoch": 40})
+        launches.append(subprocess.Popen(cmd + args, cwd=str(BUNDLE), env=_env(), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    for proc in launches:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-6000:]}"
+
+    directors = [torch.load(tmp_path / f"directors_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert directors[0] and set(directors[0]) == set(directors[1])
+    for key in directors[0]:
+        assert torch.equal(directors[0][key], directors[1][key]), key
+    client, runs = _mlflow_run(tmp_path / "eval" / "mlruns.db")
+    assert len(runs) == 1 and runs[0].data.params["world_size"] == "2"
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 5  # 40 samples / (2 ranks x batch 4)
+    final = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], v) for k, v in directors[0].items())
 
 
 @pytest.mark.parametrize("option", ["umd", "m4oe"])

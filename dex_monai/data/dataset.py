@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dex_monai.data.cache import SliceCache, slice_cache_key
+from dex_monai.data.cache import SLICES_PER_SHARD, SliceCache, slice_cache_key
 from dex_monai.data.checks import RejectedFile
 from dex_monai.data.datalist import load_datalist
 from dex_monai.data.detect import DetectModality
@@ -91,6 +91,7 @@ class SliceDataset(Dataset):
             :class:`~dex_monai.data.checks.RejectedFile` naming the file and the reason; ``"skip"`` (alias
             ``"warn"``): it is left out with a warning and listed in :attr:`failed` as ``(path, reason)``.
         progress: tqdm progress bar while preparing.
+        slices_per_shard: slices stacked in one cache file at most (:class:`~dex_monai.data.SliceCache`).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class SliceDataset(Dataset):
         rules: ModalityRules | str | os.PathLike | None = None,
         on_error: str = "stop",
         progress: bool = True,
+        slices_per_shard: int = SLICES_PER_SHARD,
     ) -> None:
         if str(on_error).lower() not in _ON_ERROR:
             raise ValueError(f"on_error must be 'stop' ('raise') or 'skip' ('warn'), got {on_error!r}.")
@@ -110,7 +112,7 @@ class SliceDataset(Dataset):
         self.slice_axis = int(slice_axis)
         self.norm_config = load_normalization_config(norm_config)  # defaults completed, validated
         self.config_hash = normalization_config_hash(self.norm_config)
-        self.cache = SliceCache(cache_dir)
+        self.cache = SliceCache(cache_dir, slices_per_shard=slices_per_shard)
         self.on_error = _ON_ERROR[str(on_error).lower()]
         self._detect = DetectModality(rules=rules, strict=True)
         self._loader = LoadMultiModalImage()

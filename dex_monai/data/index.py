@@ -3,7 +3,8 @@
 Command line::
 
     python -m dex_monai.data.index SRC [SRC ...] --out datalist.json \\
-        [--rules RULES.yaml ...] [--rule "PATTERN=MODALITY" ...] [--relative] [--header-only] [--quiet]
+        [--rules RULES.yaml ...] [--rule "PATTERN=MODALITY" ...] [--relative] [--header-only] [--quiet] \\
+        [--workers N]
 
 For every usable image the ``training`` list gets its path, modality (with where it came from),
 format, dimensionality, size, spacing, slice count and source folder. Headers are read, not pixels,
@@ -13,7 +14,8 @@ for the metadata; the pixels are then decoded once to reject what cannot be used
 unsupported, unknown modality, no pixel data). Label / mask files go to ``label_files`` (and are
 attached as ``label`` to their image when the layout pairs them). A modality summary is printed
 at the end. The run exits non-zero only when nothing usable was found. Source files are only read.
-The JSON is deterministic: re-running on the same folders gives the same file.
+The JSON is deterministic: re-running on the same folders gives the same file, whatever ``--workers`` (processes
+that check the files, :mod:`dex_monai.data.index_scan`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from dex_monai.data.describe import (
     read_dicom,
     round_values,
 )
+from dex_monai.data.index_scan import ScanTask, plan_scan, run_scan, scan_tasks
 from dex_monai.data.modality import (
     LABEL_DICOM_MODALITIES,
     MODALITIES,
@@ -64,11 +67,9 @@ __all__ = ["REJECT_CATEGORIES", "RejectedFile", "build_datalist", "write_datalis
 
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-
-
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 class _Indexer:
@@ -112,34 +113,34 @@ class _Indexer:
         return entry
 
     # -- walking -----------------------------------------------------------------------------
-    def walk(self, sources: Sequence[str]) -> None:
+    def walk(self, sources: Sequence[str], workers: int = 1) -> None:
+        """Scan ``sources`` with ``workers`` processes (:mod:`dex_monai.data.index_scan`; same result for any number)."""
         from tqdm.auto import tqdm
 
-        plan: list[tuple[str, str, list[str]]] = []  # (source, folder, files)
-        for src in sources:
-            if not os.path.exists(src):
-                self._reject(src, src, RejectedFile("unsupported", "the source does not exist"))
-                continue
-            if os.path.isfile(src):
-                plan.append((os.path.dirname(src), os.path.dirname(src), [os.path.basename(src)]))
-                continue
-            for folder, dirs, files in os.walk(src):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                plan.append((src, folder, sorted(f for f in files if not f.startswith("."))))
+        plan, missing = plan_scan(sources, self._seen)
+        for src in missing:
+            self._reject(src, src, RejectedFile("unsupported", "the source does not exist"))
+        scanner = _Indexer(self.rules, self.check_pixels, progress=False)
         total = sum(len(files) for _, _, files in plan)
         with tqdm(total=total, desc="indexing", unit="file", disable=not self.progress, file=sys.stderr) as bar:
-            for src, folder, files in plan:
-                self._folder(src, folder, files, bar)
+            for n_files, (entries, rejected, labels) in run_scan(scanner.scan_task, scan_tasks(plan), workers):
+                self.entries.extend(entries)
+                self.rejected.extend(rejected)
+                self.labels.extend(labels)
+                bar.update(n_files)
+
+    def scan_task(self, task: ScanTask) -> tuple[list[dict], list[dict], list[dict]]:
+        """Check the files of one task; returns (and forgets) its ``(entries, rejected, labels)``."""
+        source, folder, files = task
+        self._folder(source, folder, files, _NoBar())
+        out = (self.entries, self.rejected, self.labels)
+        self.entries, self.rejected, self.labels = [], [], []
+        return out
 
     def _folder(self, source: str, folder: str, files: list[str], bar: Any) -> None:
         dicoms: list[str] = []
         for name in files:
             path = os.path.join(folder, name)
-            real = os.path.realpath(path)
-            if real in self._seen:
-                bar.update(1)
-                continue
-            self._seen.add(real)
             fmt = image_format(path)
             if fmt == "dicom":
                 dicoms.append(path)
@@ -332,6 +333,7 @@ def build_datalist(
     relative_to: str | os.PathLike | None = None,
     name: str = "dex_monai datalist",
     exclude: Sequence[str | os.PathLike] = (),
+    workers: int = 1,
 ) -> dict:
     """Scan ``sources`` (folders or files) into a decathlon-style datalist dict.
 
@@ -344,6 +346,8 @@ def build_datalist(
         name: the datalist ``name``.
         exclude: files to leave out (the command line leaves out its own output JSON, so that
             re-running into a scanned folder gives the same JSON).
+        workers: processes that check the files (the datalist is the same for any number; a folder's DICOM
+            files stay in one process so its series are grouped whole).
 
     Returns ``{"name", "description", "modalities", "sources", "numTraining", "training",
     "label_files", "rejected", "summary"}``; ``training`` entries are sorted, the dict is deterministic.
@@ -355,7 +359,7 @@ def build_datalist(
     srcs = [os.path.abspath(os.fspath(s)) for s in sources]
     indexer = _Indexer(rules, check_pixels=check_pixels, progress=progress)
     indexer._seen.update(os.path.realpath(os.fspath(p)) for p in exclude)
-    indexer.walk(srcs)
+    indexer.walk(srcs, workers=workers)
     indexer.pair_labels()
     order = {s: i for i, s in enumerate(srcs)}
 
@@ -446,6 +450,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--header-only", action="store_true", help="read headers only (skip the pixel checks)")
     p.add_argument("--name", default="dex_monai datalist", help="datalist name")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--workers", type=int, default=1, help="processes that check files (same datalist for any number)")
     return p
 
 
@@ -465,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         relative_to=os.path.dirname(os.path.abspath(args.out)) if args.relative else None,
         name=args.name,
         exclude=[args.out],
+        workers=args.workers,
     )
     out = write_datalist(datalist, args.out)
     if not args.quiet:
