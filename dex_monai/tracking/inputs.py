@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,9 +91,12 @@ def datalist_dataset(
     keys = sorted({str(k) for item in items for k in item})
     profile = {"num_items": len(items), "items_per_modality": items_per_modality(items, modality_key, default_modality)}
     schema = Schema([ColSpec(DataType.string, name=k) for k in keys]) if keys else None
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        resolved = resolve_dataset_source(os.fspath(source))
     return _dataset_class()(
         profile=profile,
-        source=resolve_dataset_source(os.fspath(source)),
+        source=resolved,
         name=name,
         digest=datalist_digest(items),
         schema=schema,
