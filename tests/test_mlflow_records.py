@@ -157,7 +157,7 @@ def _pretrain_metric_keys(root: Path, experts: int, data: Path) -> tuple[set[str
     run_bundle([str(PRETRAIN / "train.json")], overrides, PRETRAIN)
     client, runs = mlflow_runs(root / "eval" / "mlruns.db", "dex_pretrain")
     (run,) = runs.values()
-    registered = [v.version for v in client.search_model_versions("name='dex_pretrain'")]
+    registered = [str(v.version) for v in client.search_model_versions("name='dex_pretrain'")]
     (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
     return set(run.data.metrics), {"registered": registered, "profile": json.loads(dataset.profile)}
 

@@ -107,8 +107,8 @@ def plot_final_metrics(summaries: Sequence[RunSummary], path: str | os.PathLike)
                 ax.annotate(text, (v if np.isfinite(v) else 0.0, yy), xytext=(3, 0), textcoords="offset points",
                             va="center", fontsize=8)
         ax.set_yticks(rows)
-        ax.set_yticklabels(shown, fontsize=9)
-        ax.invert_yaxis()
+        ax.set_yticklabels([n.removeprefix("routing/") for n in shown], fontsize=9)
+        ax.set_ylim(max(len(shown), 4) - 0.5, -0.5)  # top down; bars keep their height with few metrics
         ax.set_xlim(min(0.0, min((s.metrics.get(n, 0.0) for s in summaries for n in shown), default=0.0)),
                     1.25 * span)
         ax.set_title(group.capitalize(), fontsize=11)

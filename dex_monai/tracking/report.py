@@ -263,13 +263,12 @@ def build_tables(summaries: Sequence[RunSummary], all_params: bool = False) -> d
             rows.append([s.metric_min.get(name, np.nan) for s in summaries])
             index.append(f"{name} (min)")
     metrics = pd.DataFrame(rows, index=pd.Index(index, name="metric"), columns=labels, dtype=np.float64)
-    wide = runs.copy()
-    for k in param_names:
-        wide[f"params.{k}"] = [s.params.get(k, "") for s in summaries]
+    columns: dict[str, list] = {f"params.{k}": [s.params.get(k, "") for s in summaries] for k in param_names}
     for name in metric_names:
-        wide[f"metrics.{name}"] = [s.metrics.get(name, np.nan) for s in summaries]
+        columns[f"metrics.{name}"] = [s.metrics.get(name, np.nan) for s in summaries]
         if _is_loss(name):
-            wide[f"metrics.{name}.min"] = [s.metric_min.get(name, np.nan) for s in summaries]
+            columns[f"metrics.{name}.min"] = [s.metric_min.get(name, np.nan) for s in summaries]
+    wide = pd.concat([runs, pd.DataFrame(columns, index=runs.index)], axis=1)  # one block: no fragmented frame
     return {"runs": runs, "params": params, "metrics": metrics, "wide": wide}
 
 
