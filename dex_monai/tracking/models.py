@@ -123,7 +123,8 @@ def log_network(
     (SQLite and tracking servers do; a store without one only gets the warning).
 
     Args:
-        network: the trained network (left on its device and in its train/eval mode).
+        network: the trained network, possibly wrapped in ``DistributedDataParallel`` (left on its device and in its
+            train/eval mode).
         run_id: the MLflow run.
         tracking_uri: the run's tracking store.
         input_shape: input example shape ``[B, C, *spatial]``.
@@ -137,7 +138,9 @@ def log_network(
     import monai
     from mlflow.exceptions import MlflowException
 
-    model = cpu_copy(network, input_shape)
+    from dex_monai.engines.utils import unwrap_network
+
+    model = cpu_copy(unwrap_network(network), input_shape)  # DistributedDataParallel: the module it wraps
     with torch.no_grad():
         if not isinstance(model(torch.zeros(*[int(s) for s in input_shape])), torch.Tensor):
             model = MainOutput(model).eval()
