@@ -66,6 +66,12 @@ def test_datalist_inputs_digest_profile_and_no_duplicates(tmp_path):
     assert inputs["training"].digest == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert json.loads(inputs["training"].profile) == {"num_items": 3, "items_per_modality": {"CT": 2, "MR": 1}}
     assert json.loads(inputs["validation"].profile)["items_per_modality"] == {"CT": 1}
+    # a bundle's intensity rule is no modality: items without one count as unknown
+    from dex_monai.tracking.inputs import items_per_modality
+
+    assert items_per_modality([{"image": "a"}, {"image": "b", "modality": "MR"}], default_modality="range") == {
+        "MR": 1, "unknown": 1}
+    assert items_per_modality([{"image": "a"}], default_modality="ultrasound") == {"ultrasound": 1}
     assert json.loads(inputs["training"].source) == {"uri": str(tmp_path)}
 
 

@@ -40,7 +40,12 @@ def items_per_modality(
     items: Sequence[Mapping[str, Any]], modality_key: str = "modality", default_modality: str | None = None
 ) -> dict[str, int]:
     """``{modality: number of items}``, from each item's ``modality_key`` (else ``default_modality``, else
-    ``"unknown"``), sorted by name."""
+    ``"unknown"``), sorted by name. A bundle's ``modality`` may name an intensity rule rather than a modality
+    (``range``, ``minmax``, ``none``: :data:`dex_monai.data.normalization.PLAIN_METHODS`); it then counts as unknown."""
+    from dex_monai.data.normalization import PLAIN_METHODS
+
+    if default_modality in PLAIN_METHODS:
+        default_modality = None
     counts = Counter(str(item.get(modality_key) or default_modality or "unknown") for item in items)
     return dict(sorted(counts.items()))
 
