@@ -130,7 +130,6 @@ def test_train_two_epochs_with_mlflow(tmp_path, data_dirs):
     assert all(0.0 <= metrics[k] <= 1.0 for k in routing)
     assert not [k for k in metrics if "expert" in k]
     assert run.data.params["epochs"] == "2" and run.data.params["network_def.hidden_size"] == "48"
-    sys.path.insert(0, str(Path(__file__).parent))
     from bundle_helpers import assert_training_records
 
     assert_training_records(client, run, "dex_pretrain", contexts=("training",))
