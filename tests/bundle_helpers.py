@@ -97,3 +97,22 @@ def read_failures(output_dir: Path) -> dict[str, tuple[str, str]]:
 def files_under(folder: Path) -> set[str]:
     """Every file under ``folder``, relative."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_training_records(client, run, bundle: str, contexts: tuple[str, ...] = ("training", "validation")) -> None:
+    """A training run's MLflow records beyond metrics: one dataset input per context with a profile, one logged model
+    registered under the bundle's name from this run, and the model-training experiment tag."""
+    import json as _json
+
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == sorted(contexts), inputs
+    for context, dataset in inputs.items():
+        profile = _json.loads(dataset.profile)
+        assert dataset.name == f"{bundle}_{context}" and profile["num_items"] == sum(
+            profile["items_per_modality"].values()) > 0
+    (output,) = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+    versions = client.search_model_versions(f"name='{bundle}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    tags = client.get_experiment(run.info.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"

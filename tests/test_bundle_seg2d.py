@@ -142,6 +142,9 @@ def test_train_one_epoch_from_dense_checkpoint_through_director(trained, dense_c
     assert run.data.tags["finetune_mode"] == "director"
     artifacts = _artifacts(client, run.info.run_id)
     assert "overlays/val_epoch_1.png" in artifacts and "config/resolved_config.json" in artifacts
+    from bundle_helpers import assert_training_records
+
+    assert_training_records(client, run, "dex_seg2d")
 
 
 def test_evaluate(trained):

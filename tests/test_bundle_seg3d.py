@@ -136,6 +136,9 @@ def test_train_one_epoch_from_dex_checkpoint(trained):
     artifacts = _artifacts(client, run.info.run_id)
     assert "overlays/val_epoch_1.png" in artifacts and "config/config.json" in artifacts
     assert (root / "eval" / "overlays" / "val_epoch_1.png").stat().st_size > 0
+    from bundle_helpers import assert_training_records
+
+    assert_training_records(client, run, "dex_seg3d")
 
 
 def test_evaluate(trained):

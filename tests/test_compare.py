@@ -221,3 +221,48 @@ def test_resolve_tracking_uri(store, tmp_path, monkeypatch):
         resolve_tracking_uri(None, cwd=tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     assert resolve_tracking_uri(None, cwd=tmp_path) == store["uri"]
+
+
+def _store_with_experts(root: Path, experts: int) -> str:
+    """Two runs logging losses, a task metric, the routing summaries and (as older runs did) one metric per layer x
+    expert x modality."""
+    import mlflow
+    from mlflow.entities import Metric
+    from monai.utils import path_to_sqlite_uri
+
+    uri = path_to_sqlite_uri(root / "mlruns.db")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("dex-pretrain", artifact_location=(root / "mlruns").as_uri())
+    for r in range(2):
+        run_id = client.create_run(exp, run_name=f"run{r}").info.run_id
+        values = {"loss": 1.0 - 0.1 * r, "mae": 0.8, "val_accuracy": 0.5 + 0.1 * r, "lr": 1e-4,
+                  "routing/nmi_mean": 0.3, "routing/load_entropy_mean": 0.9, "routing/nmi/layer_0": 0.3}
+        for mod in ("CT", "MR", "XR"):
+            for layer in range(6):
+                for e in range(experts):
+                    values[f"expert_usage/{mod}/layer_{layer}/expert_{e}"] = 1.0 / experts
+        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
+        client.set_terminated(run_id)
+    return uri
+
+
+def test_final_metrics_figure_and_table_do_not_grow_with_experts(tmp_path):
+    from PIL import Image
+
+    sizes, texts = [], []
+    for experts in (2, 8):
+        uri = _store_with_experts(tmp_path / f"e{experts}", experts)
+        result = compare_runs(experiments=["dex-pretrain"], tracking_uri=uri, out_dir=tmp_path / f"out{experts}")
+        with Image.open(result.files["final_metrics"]) as image:
+            sizes.append(image.size)
+        metrics = result.tables["metrics"]
+        assert list(metrics.index) == ["loss", "loss (min)", "mae", "val_accuracy", "routing/load_entropy_mean",
+                                       "routing/nmi_mean"]
+        assert "expert_usage/" not in result.text and "lr" not in metrics.index
+        import pandas as pd
+
+        csv = pd.read_csv(result.files["csv"])  # every key stays in the CSV
+        assert f"metrics.expert_usage/CT/layer_5/expert_{experts - 1}" in csv.columns and "metrics.lr" in csv.columns
+        texts.append(result.text)
+    assert sizes[0] == sizes[1] == (1500, 550)
+    assert texts[0].split("Final metrics", 1)[1] == texts[1].split("Final metrics", 1)[1]

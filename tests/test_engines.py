@@ -186,8 +186,20 @@ def test_routing_stats_handler(tmp_path):
     assert record["modalities"] == ["CT", "MR"] and record["layers"] == 2 and record["num_experts"] == [4, 4]
     assert record["usage"]["CT"][0] == pytest.approx([0.5, 0.5, 0.0, 0.0])
     assert (tmp_path / "routing" / "expert_usage_epoch_1.png").stat().st_size > 0
-    assert engine.state.tracking_metrics["expert_usage/CT/layer_1/expert_2"] == pytest.approx(0.5)
-    assert engine.state.tracking_metrics["expert_load/layer_0/expert_0"] == pytest.approx(0.25)
+    # summary metrics only (2 per layer + 2 means), from sklearn's mutual information over the expanded choices:
+    # layer 0: CT -> experts 0,1,0,1; MR -> 0,1,2,3. layer 1: CT -> 1,2,1,2; MR -> 1,2,2,3 (4 choices each)
+    from scipy.stats import entropy
+    from sklearn.metrics import mutual_info_score
+
+    mods = ["CT"] * 4 + ["MR"] * 4
+    nmi = [mutual_info_score(mods, e) / entropy([0.5, 0.5]) for e in ([0, 1, 0, 1, 0, 1, 2, 3], [1, 2, 1, 2, 1, 2, 2, 3])]
+    metrics = engine.state.tracking_metrics
+    assert set(metrics) == {"routing/load_entropy/layer_0", "routing/load_entropy/layer_1", "routing/load_entropy_mean",
+                            "routing/nmi/layer_0", "routing/nmi/layer_1", "routing/nmi_mean"}
+    assert metrics["routing/nmi/layer_0"] == pytest.approx(nmi[0]) and metrics["routing/nmi/layer_1"] == pytest.approx(nmi[1])
+    assert metrics["routing/nmi_mean"] == pytest.approx(np.mean(nmi))
+    assert metrics["routing/load_entropy_mean"] == pytest.approx(1.0)  # the stub's load is uniform
+    assert record["expert_load"] == [[0.25] * 4] * 2 and record["summary"]["routing/nmi/layer_0"] == pytest.approx(nmi[0])
     assert [a for _, a in engine.state.tracking_artifacts] == ["routing", "routing"]
     assert handler.counts == {}
 

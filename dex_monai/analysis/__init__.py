@@ -7,24 +7,28 @@ from __future__ import annotations
 from .modularity import (
     NMI_NORMALIZATIONS,
     LinearProbeResult,
+    count_table_nmi,
     expert_usage,
     expert_usage_from_json,
     expert_usage_to_json,
     linear_probe_modality_accuracy,
     modality_expert_counts,
     modality_expert_nmi,
+    normalized_entropy,
 )
 from .plots import plot_expert_usage_grid, plot_modality_expert_heatmaps
 
 __all__ = [
     "LinearProbeResult",
     "NMI_NORMALIZATIONS",
+    "count_table_nmi",
     "expert_usage",
     "expert_usage_from_json",
     "expert_usage_to_json",
     "linear_probe_modality_accuracy",
     "modality_expert_counts",
     "modality_expert_nmi",
+    "normalized_entropy",
     "plot_expert_usage_grid",
     "plot_modality_expert_heatmaps",
 ]

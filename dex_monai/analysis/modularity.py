@@ -35,12 +35,14 @@ import numpy as np
 __all__ = [
     "LinearProbeResult",
     "NMI_NORMALIZATIONS",
+    "count_table_nmi",
     "expert_usage",
     "expert_usage_from_json",
     "expert_usage_to_json",
     "linear_probe_modality_accuracy",
     "modality_expert_counts",
     "modality_expert_nmi",
+    "normalized_entropy",
 ]
 
 ArrayLike = Union[np.ndarray, Sequence, Any]
@@ -245,6 +247,31 @@ def _nmi_from_table(table: np.ndarray, normalization: str) -> float:
     if norm <= 0.0:
         return 0.0
     return float(min(max(mi / norm, 0.0), 1.0))
+
+
+def count_table_nmi(table: ArrayLike, normalization: str = "modality") -> float:
+    """
+    Normalised mutual information of a modality x expert count table ``[M, E]`` (the statistic of
+    :func:`modality_expert_nmi` for one layer, when only the counts are kept, as in
+    :class:`~dex_monai.handlers.RoutingStatsHandler`); NaN for an empty table.
+    """
+    if normalization not in NMI_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NMI_NORMALIZATIONS}, got {normalization!r}.")
+    return _nmi_from_table(np.asarray(_to_numpy(table), dtype=np.float64), normalization)
+
+
+def normalized_entropy(load: ArrayLike) -> float:
+    """
+    Entropy of an expert load ``[E]`` (shares or counts) divided by ``log(E)``: 1.0 when every expert takes the same
+    share, 0.0 when one expert takes everything; NaN for an all-zero load, 1.0 for a single expert.
+    """
+    p = np.clip(np.asarray(_to_numpy(load), dtype=np.float64).reshape(-1), 0.0, None)
+    total = p.sum()
+    if total <= 0:
+        return float("nan")
+    if p.shape[0] < 2:
+        return 1.0
+    return float(_entropy(p / total) / math.log(p.shape[0]))
 
 
 def modality_expert_nmi(

@@ -109,7 +109,8 @@ def _draw_heatmap_grid(
                 ax.set_xlabel("expert", fontsize=size)
             if j == 0:
                 ax.set_ylabel(f"{row_labels[i]}\nlayer" if row_labels[i] else "layer", fontsize=size)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=used, shrink=0.9, label="selection fraction")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), shrink=0.9, label="selection fraction",
+                 fraction=0.02, pad=0.01)
     if title:
         fig.suptitle(title, fontsize=size + 3)
     if footnote:

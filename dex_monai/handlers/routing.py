@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from dex_monai.engines.utils import (
 )
 from dex_monai.handlers.tracking import add_tracking_artifact, add_tracking_metrics
 
-__all__ = ["RoutingStatsHandler", "usage_to_json", "plot_usage"]
+__all__ = ["RoutingStatsHandler", "routing_summary", "usage_to_json", "plot_usage"]
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -51,11 +50,6 @@ def _as_names(value: Any, size: int, names: Sequence[str] | None) -> list[str]:
     return result
 
 
-def _metric_name(text: str) -> str:
-    """MLflow-safe metric path component."""
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", text).strip() or "_"
-
-
 class RoutingStatsHandler:
     """
     Counts, over each epoch, which experts every modality chose in every DEX layer, from the batch routing
@@ -65,12 +59,16 @@ class RoutingStatsHandler:
 
     At the end of each epoch it
 
-    - queues tracker metrics ``expert_load/layer_<l>/expert_<e>`` (the network's EMA expert load) and
-      ``expert_usage/<modality>/layer_<l>/expert_<e>`` (share of the modality's choices in that layer);
+    - queues a few tracker metrics whose number depends on the layers only, never on the experts or modalities
+      (see :func:`routing_summary`): ``routing/load_entropy/layer_<l>`` (entropy of the network's EMA expert load
+      over ``log E``: 1 = balanced), ``routing/nmi/layer_<l>`` (modality-expert NMI of the epoch's choices, from
+      :func:`dex_monai.analysis.count_table_nmi`) and their means ``routing/load_entropy_mean``,
+      ``routing/nmi_mean``;
     - on rank 0 writes ``<output_dir>/routing/expert_usage_epoch_<N>.json`` (``{"modalities", "layers",
-      "num_experts", "usage": {modality: [[share per expert] per layer]}}``) and the heatmap
-      ``expert_usage_epoch_<N>.png`` (layers x experts, one panel per modality), queued as tracker artifacts
-      under ``routing/``;
+      "num_experts", "usage": {modality: [[share per expert] per layer]}, "expert_load": [[load per expert] per
+      layer], "summary": {metric: value}, "epoch"}``) and the heatmap ``expert_usage_epoch_<N>.png`` (layers x
+      experts, one panel per modality), queued as tracker artifacts under ``routing/``: the per-expert detail
+      lives there;
     - keeps the usage of the finished epoch in ``self.last_usage`` and resets the counts.
 
     Every image adds one count per chosen expert per layer (top-k routing: k counts). Under
@@ -206,14 +204,8 @@ class RoutingStatsHandler:
         epoch = int(engine.state.epoch)
         usage = self.usage()
         experts = self.num_experts()
-        metrics: dict[str, float] = {}
-        for layer, load in enumerate(self.expert_load()):
-            for e, value in enumerate(load.tolist()):
-                metrics[f"expert_load/layer_{layer}/expert_{e}"] = float(value)
-        for name, share in usage.items():
-            for layer in range(share.shape[0]):
-                for e in range(experts[layer] if layer < len(experts) else share.shape[1]):
-                    metrics[f"expert_usage/{_metric_name(name)}/layer_{layer}/expert_{e}"] = float(share[layer, e])
+        load = self.expert_load()
+        metrics = routing_summary(load, self.counts)
         add_tracking_metrics(engine, metrics)
         if usage and is_rank0():
             summary = ", ".join(
@@ -222,18 +214,21 @@ class RoutingStatsHandler:
             )
             self.logger.info(f"epoch {epoch} most chosen expert per layer by modality - {summary}")
         if usage and self.write_files and self.output_dir is not None and is_rank0():
-            for path in self.save(usage, epoch, experts):
+            for path in self.save(usage, epoch, experts, load, metrics):
                 add_tracking_artifact(engine, path, self.artifact_dir)
         self.last_usage = usage
         self.counts = {}
 
-    def save(self, usage: Mapping[str, np.ndarray], epoch: int, num_experts: Sequence[int]) -> list[Path]:
+    def save(self, usage: Mapping[str, np.ndarray], epoch: int, num_experts: Sequence[int],
+             expert_load: Sequence[np.ndarray] = (), summary: Mapping[str, float] | None = None) -> list[Path]:
         """Write ``expert_usage_epoch_<epoch>.json`` and ``.png`` into ``<output_dir>/routing``."""
         folder = self.output_dir / "routing"  # type: ignore[operator]
         folder.mkdir(parents=True, exist_ok=True)
         json_path = folder / f"expert_usage_epoch_{epoch}.json"
         png_path = folder / f"expert_usage_epoch_{epoch}.png"
         record = usage_to_json(usage, num_experts)
+        record["expert_load"] = [[float(v) for v in np.asarray(layer).reshape(-1)] for layer in expert_load]
+        record["summary"] = {k: (float(v) if np.isfinite(v) else None) for k, v in (summary or {}).items()}
         record["epoch"] = epoch
         _atomic_write_text(json_path, json.dumps(record, indent=2))
         try:
@@ -250,6 +245,30 @@ class RoutingStatsHandler:
     def load_state_dict(self, state_dict: Mapping) -> None:
         self.counts = {str(k): np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.int64)
                        for k, v in state_dict.get("counts", {}).items()}
+
+
+def routing_summary(expert_load: Sequence[np.ndarray], counts: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """
+    The routing metrics of one epoch, ``2 L + 2`` keys for ``L`` layers whatever the number of experts and
+    modalities: ``routing/load_entropy/layer_<l>`` (:func:`dex_monai.analysis.normalized_entropy` of the layer's
+    expert load ``[E]``), ``routing/nmi/layer_<l>`` (:func:`dex_monai.analysis.count_table_nmi` of the layer's
+    modality x expert choice counts; ``counts`` is ``{modality: [L, E]}``), and the mean of each over the layers
+    (NaN layers left out). Keys of a kind with no data (no load, no counts) are absent.
+    """
+    from dex_monai.analysis.modularity import count_table_nmi, normalized_entropy
+
+    metrics: dict[str, float] = {}
+    entropies = [normalized_entropy(load) for load in expert_load]
+    names = sorted(counts)
+    n_layers = min((counts[m].shape[0] for m in names), default=0)
+    nmis = [count_table_nmi(np.stack([counts[m][layer] for m in names])) for layer in range(n_layers)]
+    for kind, values in (("load_entropy", entropies), ("nmi", nmis)):
+        for layer, value in enumerate(values):
+            metrics[f"routing/{kind}/layer_{layer}"] = float(value)
+        finite = [v for v in values if np.isfinite(v)]
+        if finite:
+            metrics[f"routing/{kind}_mean"] = float(np.mean(finite))
+    return metrics
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

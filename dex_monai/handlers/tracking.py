@@ -10,12 +10,14 @@ fill with epoch-level values and files for it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 from monai.handlers import MLFlowHandler
 from monai.utils import IgniteInfo, min_version, optional_import
@@ -28,6 +30,7 @@ from dex_monai.engines.utils import (
     flatten_params,
     is_dist,
 )
+from dex_monai.tracking.models import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 __all__ = ["TRACKING_METRICS", "TRACKING_ARTIFACTS", "add_tracking_metrics", "add_tracking_artifact", "DEXMLFlowHandler"]
 
@@ -67,6 +70,13 @@ class DEXMLFlowHandler(MLFlowHandler):
     - at start, the bundle config: ``config/config.json`` (merged config with command-line overrides),
       ``config/resolved_config.json`` (top-level values as resolved), the resolved scalars as run parameters,
       and tags ``start_iteration`` / ``world_size``;
+    - at start, the datasets of ``dataset_dict`` (``{context: MONAI dataset or datalist}``) as run inputs with
+      their source, digest and items per modality (:func:`dex_monai.tracking.inputs.log_datalist_inputs`), and
+      the experiment tag ``mlflow.experimentKind`` (``experiment_kind``; MLflow 3 otherwise may open the
+      experiment on its GenAI pages);
+    - when training completes, ``model`` as an MLflow model with signature and input example of shape
+      ``model_input_shape``, registered as ``registered_model_name`` where the store has a registry
+      (:func:`dex_monai.tracking.models.log_network`);
     - on a resumed training (``engine.state.tracking_run_id`` restored from the checkpoint, see
       :class:`~dex_monai.engines.DEXPretrainTrainer`), the interrupted MLflow run is continued rather than a new
       one started (tags ``resumed_at_iteration_<i>``; the config is logged again as ``config_resumed_at_<i>.json``).
@@ -82,6 +92,15 @@ class DEXMLFlowHandler(MLFlowHandler):
         tags: extra run tags.
         continue_run: continue the MLflow run recorded in ``engine.state.tracking_run_id`` when resuming.
         close_on_complete: end the run when training completes.
+        dataset_dict: ``{"training": dataset, "validation": dataset}`` (MONAI datasets or datalists) to log as
+            run inputs; None logs none.
+        dataset_name: MLflow name prefix of the datasets (``<dataset_name>_<context>``).
+        dataset_source: where the data is (folder, datalist file or URI).
+        default_modality: modality of datalist items without a ``"modality"`` entry.
+        model: the network to log as an MLflow model when training completes; None logs none.
+        model_input_shape: input example shape ``[B, C, *spatial]`` (needed with ``model``).
+        registered_model_name: model registry name of ``model`` (None: not registered).
+        experiment_kind: value of the experiment tag ``mlflow.experimentKind`` (None: left alone).
         kwargs: other ``MLFlowHandler`` arguments.
     """
 
@@ -99,6 +118,14 @@ class DEXMLFlowHandler(MLFlowHandler):
         continue_run: bool = True,
         close_on_complete: bool = True,
         optimizer_param_names: str | Sequence[str] = (),
+        dataset_dict: Mapping[str, Any] | None = None,
+        dataset_name: str | None = None,
+        dataset_source: str | os.PathLike | None = None,
+        default_modality: str | None = None,
+        model: torch.nn.Module | None = None,
+        model_input_shape: Sequence[int] | None = None,
+        registered_model_name: str | None = None,
+        experiment_kind: str | None = MODEL_TRAINING_KIND,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -110,8 +137,18 @@ class DEXMLFlowHandler(MLFlowHandler):
             epoch_log=epoch_log,
             close_on_complete=close_on_complete,
             optimizer_param_names=optimizer_param_names,
+            dataset_dict=dataset_dict,
             **kwargs,
         )
+        if model is not None and model_input_shape is None:
+            raise ValueError("model_input_shape is needed to log the model (its input example and signature).")
+        self.dataset_name = dataset_name or experiment_name
+        self.dataset_source = dataset_source
+        self.default_modality = default_modality
+        self.model = model
+        self.model_input_shape = None if model_input_shape is None else [int(s) for s in model_input_shape]
+        self.registered_model_name = registered_model_name
+        self.experiment_kind = experiment_kind
         self.tags = dict(tags or {})
         self.continue_run = continue_run
         self.log_config = log_config
@@ -121,6 +158,8 @@ class DEXMLFlowHandler(MLFlowHandler):
     def attach(self, engine: Engine) -> None:
         # before MONAI's close at COMPLETED: a run with failed inputs ends FAILED; an exception ends it FAILED too
         engine.add_event_handler(Events.COMPLETED, self._set_finish_status)
+        if self.model is not None:  # before the run is closed
+            engine.add_event_handler(Events.COMPLETED, self.log_model)
         super().attach(engine)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
@@ -129,6 +168,36 @@ class DEXMLFlowHandler(MLFlowHandler):
         self.run_finish_status = "FAILED" if failed else "FINISHED"
         if failed and self.cur_run is not None:
             self.client.set_tag(self.run_id, "failed_inputs", str(len(failed)))
+
+    def log_model(self, engine: Engine | None = None) -> None:
+        """Log (and register) ``self.model`` into the run; a failure is logged as a warning, never raised."""
+        if self.cur_run is None or self.model is None:
+            return
+        from dex_monai.tracking.models import log_network
+
+        try:
+            info = log_network(self.model, self.run_id, self.client.tracking_uri, self.model_input_shape or [],
+                               registered_model_name=self.registered_model_name)
+            self.client.set_tag(self.run_id, "logged_model_uri", info.model_uri)
+        except Exception as e:  # a tracking problem must not fail a finished training
+            logging.getLogger(__name__).warning(f"could not log the model to MLflow: {type(e).__name__}: {e}")
+
+    def _default_dataset_log(self, dataset_dict: Mapping[str, Any] | None) -> None:
+        """Log the datasets as run inputs with source, digest and items per modality (see the class docstring)."""
+        if not dataset_dict or self.cur_run is None:
+            return
+        from dex_monai.tracking.inputs import log_datalist_inputs
+
+        source = self.dataset_source if self.dataset_source not in (None, "") else "unknown"
+        log_datalist_inputs(self.client, self.run_id, dataset_dict, source, self.dataset_name,
+                            default_modality=self.default_modality)
+
+    def _tag_experiment_kind(self) -> None:
+        if not self.experiment_kind or self.experiment is None:
+            return
+        tags = self.client.get_experiment(self.experiment.experiment_id).tags
+        if EXPERIMENT_KIND_TAG not in tags:
+            self.client.set_experiment_tag(self.experiment.experiment_id, EXPERIMENT_KIND_TAG, self.experiment_kind)
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
         """End the MLflow run as FAILED (it would stay RUNNING), then let the exception go on."""
@@ -148,6 +217,7 @@ class DEXMLFlowHandler(MLFlowHandler):
         if previous and self.cur_run is None:
             self._reopen_run(str(previous))
         super().start(engine)
+        self._tag_experiment_kind()
         iteration = int(engine.state.iteration)
         tags = {"world_size": dist.get_world_size() if is_dist() else 1}
         if iteration == 0:

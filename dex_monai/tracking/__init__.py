@@ -2,7 +2,8 @@
 # Licensed under the Apache License, Version 2.0.
 """Comparing MLflow runs: the store (:mod:`.store`), which runs (:mod:`.selection`), what is said about them
 (:mod:`.report`), the figures (:mod:`.plots`) and the whole comparison with its command line (:mod:`.compare`,
-``python -m dex_monai.compare``)."""
+``python -m dex_monai.compare``); and what a training run records in MLflow besides metrics: its datalists as dataset
+inputs (:mod:`.inputs`) and its network as a logged model (:mod:`.models`)."""
 
 from dex_monai.tracking.compare import ComparisonResult, compare_runs, main
 from dex_monai.tracking.plots import (

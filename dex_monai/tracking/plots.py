@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dex_monai.tracking.report import RunSummary
+from dex_monai.tracking.report import RunSummary, metric_groups
 
 
 def _grid_figure(n_panels: int, ncols: int, panel_size: tuple[float, float]) -> tuple[Any, Any]:
@@ -68,29 +68,55 @@ def plot_loss_curves(summaries: Sequence[RunSummary], path: str | os.PathLike) -
     return _save(fig, Path(path))
 
 
+#: Size of the final-metrics figure (inches at 100 dpi): fixed, whatever the number of metrics, runs or experts.
+FINAL_METRICS_SIZE = (15.0, 5.5)
+
+#: Rows per panel of the final-metrics figure; further metrics are named under the panel (all are in the CSV).
+MAX_METRICS_PER_PANEL = 8
+
+
 def plot_final_metrics(summaries: Sequence[RunSummary], path: str | os.PathLike) -> Path | None:
     """
-    One bar chart per metric (final value), one bar per run.
+    One figure of fixed size :data:`FINAL_METRICS_SIZE` with a panel per group of :func:`metric_groups` (losses,
+    task metrics, routing summaries): a row per metric (final value), a bar per run, the value written at its end.
+    Groups no run logged are left out; at most :data:`MAX_METRICS_PER_PANEL` rows a panel.
 
     Returns:
-        the PNG path, or ``None`` when no run logged a metric.
+        the PNG path, or ``None`` when no run logged a compared metric.
     """
-    names = sorted({k for s in summaries for k in s.metrics})
-    if not names:
+    from matplotlib.figure import Figure
+
+    groups = {k: v for k, v in metric_groups([k for s in summaries for k in s.metrics]).items() if v}
+    if not groups:
         return None
-    width = max(3.2, 0.6 * len(summaries) + 1.5)
-    fig, axes = _grid_figure(len(names), 4, (width, 3.0))
-    positions = np.arange(len(summaries))
-    for ax, name in zip(axes, names):
-        values = [s.metrics.get(name, np.nan) for s in summaries]
-        ax.bar(positions, values, color=[_colour(i) for i in range(len(summaries))])
-        for x, v in zip(positions, values):
-            if np.isfinite(v):
-                ax.annotate(f"{v:.4g}", (x, v), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(positions)
-        ax.set_xticklabels([s.label for s in summaries], rotation=30, ha="right", fontsize=7)
-        ax.set_title(name, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
+    fig = Figure(figsize=FINAL_METRICS_SIZE, layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    n_runs = len(summaries)
+    height = 0.8 / max(n_runs, 1)
+    for ax, (group, names) in zip(axes, groups.items()):
+        shown, hidden = names[:MAX_METRICS_PER_PANEL], names[MAX_METRICS_PER_PANEL:]
+        rows = np.arange(len(shown))
+        finite = [abs(s.metrics[n]) for s in summaries for n in shown if np.isfinite(s.metrics.get(n, np.nan))]
+        span = max(finite, default=1.0) or 1.0
+        for i, s in enumerate(summaries):
+            values = np.array([s.metrics.get(n, np.nan) for n in shown], dtype=np.float64)
+            y = rows - 0.4 + height * (i + 0.5)
+            ax.barh(y, np.nan_to_num(values), height=height * 0.9, color=_colour(i), label=s.label)
+            for yy, v in zip(y, values):
+                text = f"{v:.4g}" if np.isfinite(v) else "n/a"
+                ax.annotate(text, (v if np.isfinite(v) else 0.0, yy), xytext=(3, 0), textcoords="offset points",
+                            va="center", fontsize=8)
+        ax.set_yticks(rows)
+        ax.set_yticklabels([n.removeprefix("routing/") for n in shown], fontsize=9)
+        ax.set_ylim(max(len(shown), 4) - 0.5, -0.5)  # top down; bars keep their height with few metrics
+        ax.set_xlim(min(0.0, min((s.metrics.get(n, 0.0) for s in summaries for n in shown), default=0.0)),
+                    1.25 * span)
+        ax.set_title(group.capitalize(), fontsize=11)
+        ax.grid(axis="x", alpha=0.3)
+        if hidden:
+            ax.set_xlabel(f"+{len(hidden)} more in comparison.csv", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(n_runs, 5), fontsize=9)
     fig.suptitle("Final metrics (last logged value)")
     return _save(fig, Path(path))
 

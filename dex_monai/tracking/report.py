@@ -56,6 +56,42 @@ def _is_loss(name: str) -> bool:
     return "loss" in name.lower()
 
 
+#: Loss terms the pre-training engine logs under their own names (``dex_monai.engines.PretrainKeys``; kept here as
+#: text so that the command line does not import PyTorch).
+LOSS_TERMS = ("loss", "mae", "alignment", "balance", "feature")
+
+#: Prefixes of task metrics (MONAI's bundle names: ``val_mean_dice``, ``val_accuracy``, ``test_auc``...).
+TASK_PREFIXES = ("val_", "test_", "train_")
+
+#: The routing summaries of :class:`~dex_monai.handlers.RoutingStatsHandler` a comparison shows (means over layers;
+#: the per-layer values and the per-expert detail stay in the run and its heatmaps).
+ROUTING_SUMMARIES = ("routing/load_entropy_mean", "routing/nmi_mean")
+
+
+def metric_groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """
+    The metrics a person compares, by kind: ``{"losses": [...], "task metrics": [...], "routing": [...]}`` (sorted;
+    empty groups kept). Losses are names containing "loss" and the pre-training terms :data:`LOSS_TERMS`; task
+    metrics start with :data:`TASK_PREFIXES`; routing are :data:`ROUTING_SUMMARIES`. Everything else (learning rate
+    and other schedules, gradient norms, per-layer and per-expert routing values) is left to the CSV: the groups
+    never grow with the number of experts.
+    """
+    groups: dict[str, list[str]] = {"losses": [], "task metrics": [], "routing": []}
+    for name in sorted(set(names)):
+        if _is_loss(name) or name in LOSS_TERMS:
+            groups["losses"].append(name)
+        elif name.startswith(TASK_PREFIXES):
+            groups["task metrics"].append(name)
+        elif name in ROUTING_SUMMARIES:
+            groups["routing"].append(name)
+    return groups
+
+
+def compared_metrics(names: Sequence[str]) -> list[str]:
+    """The names of :func:`metric_groups`, losses first."""
+    return [name for group in metric_groups(names).values() for name in group]
+
+
 def _latest_routing_artifacts(client: Any, run_id: str, routing_dir: str) -> dict[str, tuple[int, str]]:
     """``{"json": (epoch, path), "png": (epoch, path)}`` of the latest routing artifacts of a run."""
     latest: dict[str, tuple[int, str]] = {}
@@ -194,8 +230,9 @@ def build_tables(summaries: Sequence[RunSummary], all_params: bool = False) -> d
     Returns:
         ``{"runs": one row per run (run_id, run_name, experiment, status, start_time),
         "params": rows = parameters, columns = run labels (strings, None when missing),
-        "metrics": rows = metrics (plus "<loss> (min)" rows), columns = run labels (NaN when missing),
-        "wide": one row per run with every column (the CSV)}``.
+        "metrics": rows = the compared metrics of :func:`compared_metrics` (plus "<loss> (min)" rows), columns =
+        run labels (NaN when missing),
+        "wide": one row per run with every parameter and every metric (the CSV)}``.
     """
     import pandas as pd
 
@@ -219,20 +256,19 @@ def build_tables(summaries: Sequence[RunSummary], all_params: bool = False) -> d
     )
     metric_names = sorted({k for s in summaries for k in s.metrics})
     rows, index = [], []
-    for name in metric_names:
+    for name in compared_metrics(metric_names):
         rows.append([s.metrics.get(name, np.nan) for s in summaries])
         index.append(name)
         if _is_loss(name):
             rows.append([s.metric_min.get(name, np.nan) for s in summaries])
             index.append(f"{name} (min)")
     metrics = pd.DataFrame(rows, index=pd.Index(index, name="metric"), columns=labels, dtype=np.float64)
-    wide = runs.copy()
-    for k in param_names:
-        wide[f"params.{k}"] = [s.params.get(k, "") for s in summaries]
+    columns: dict[str, list] = {f"params.{k}": [s.params.get(k, "") for s in summaries] for k in param_names}
     for name in metric_names:
-        wide[f"metrics.{name}"] = [s.metrics.get(name, np.nan) for s in summaries]
+        columns[f"metrics.{name}"] = [s.metrics.get(name, np.nan) for s in summaries]
         if _is_loss(name):
-            wide[f"metrics.{name}.min"] = [s.metric_min.get(name, np.nan) for s in summaries]
+            columns[f"metrics.{name}.min"] = [s.metric_min.get(name, np.nan) for s in summaries]
+    wide = pd.concat([runs, pd.DataFrame(columns, index=runs.index)], axis=1)  # one block: no fragmented frame
     return {"runs": runs, "params": params, "metrics": metrics, "wide": wide}
 
 
@@ -330,7 +366,8 @@ def _markdown_report(
     lines += [
         "## Final metrics",
         "",
-        "Last logged value of every metric; `(min)` rows give the minimum of each loss over its history.",
+        "Last logged value of the losses, task metrics and routing summaries; `(min)` rows give the minimum of each"
+        " loss over its history. Every other metric (schedules, per-layer routing values) is in the CSV.",
         "",
     ]
     metrics = tables["metrics"]
