@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import files_under, folder_digest, read_failures, run_bundle
+from bundle_helpers import assert_training_records, files_under, folder_digest, mlflow_runs, read_failures, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "dex_unimed" / "configs"
@@ -179,8 +179,13 @@ def test_bundle_joint_training_and_inference(shared_data, tmp_path):
     shutil.copytree(CONFIGS.parent, root)
     common = {**TINY, "bundle_root": str(root), "mlflow_tracking": False}
     proc = run_bundle(["configs/train.json"], {**common, "datalist": str(datalist), "epochs": 1, "batch_size": 8,
-                                               "num_workers": 0, "log_interval": 1}, CONFIGS, cwd=root)
+                                               "num_workers": 0, "log_interval": 1, "mlflow_tracking": True},
+                      CONFIGS, cwd=root)
     assert (root / "models" / "model.pt").is_file(), proc.stdout[-2000:]
+    client, runs = mlflow_runs(root / "eval" / "mlruns.db", "dex_unimed")
+    (run,) = runs.values()
+    assert run.info.status == "FINISHED"
+    assert_training_records(client, run, "dex_unimed", contexts=("training",))
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()
