@@ -236,7 +236,7 @@ class StackedExpertMLP(nn.Module):
         Returns:
             ``[U, T, D]``: for each unit, the gate-weighted sum of its K experts' outputs.
         """
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
             return self._forward_gathered(units, gates, indices)
         top_k = indices.shape[1]
         flat_experts = indices.reshape(-1)
@@ -272,7 +272,8 @@ class StackedExpertMLP(nn.Module):
         return not dropout_active and not autocast and self.linear1_weight.dtype in (torch.float32, torch.float64)
 
     def _forward_gathered(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Same result with per-unit gathered weights and batched products: traceable, used for TorchScript export."""
+        """Same result with per-unit gathered weights and batched products, free of host syncs and data-dependent
+        shapes: used under ``torch.jit.trace`` and ``torch.export`` (hence ONNX), so routing stays per image."""
         w1 = self.linear1_weight[indices]  # [U, K, H, D]
         hidden = torch.einsum("utd,ukhd->ukth", units, w1) + self.linear1_bias[indices].unsqueeze(2)
         hidden = self.drop(F.gelu(hidden))
@@ -373,6 +374,8 @@ class DEXLayer(nn.Module):
             ``[B, N, D]``.
         """
         if self.mode == "director":
+            if torch.compiler.is_exporting():  # losses and routing records are not part of an exported graph
+                return self.director(x)
             self.alignment_loss = self.balance_loss = x.new_zeros(())
             self.routing = {}
             return self.director(x)
@@ -385,6 +388,8 @@ class DEXLayer(nn.Module):
             units = x.reshape(batch * tokens, 1, dim)
             gates, indices = decision.gates.reshape(batch * tokens, -1), decision.indices.reshape(batch * tokens, -1)
         out = self.experts(units, gates, indices).reshape(batch, tokens, dim)
+        if torch.compiler.is_exporting():
+            return out
 
         if self.mode == "pretrain":
             # the target comes from the director before this step's GEMA update, as in the public code
