@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bundle_helpers import bundle_args
 from export_helpers import BUNDLES, REPO, comparison_batches, dex_layers, tiny_checkpoint
 
@@ -43,6 +44,7 @@ CASES = [(bundle, mode) for bundle in BUNDLES for mode in MODES]
 ONNX_KWARGS = {"input_names": ["image"], "output_names": ["pred"], "dynamic_shapes": [{0: "batch"}], "dynamo": True}
 # raised inside torch 2.13's own ONNX exporter when it deep-copies the ExportedProgram (not from a call of ours)
 TORCH_INTERNAL = ("`isinstance(treespec, LeafSpec)` is deprecated",)
+pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 
 
 def _deprecations(record: list[warnings.WarningMessage]) -> list[str]:
@@ -97,6 +99,60 @@ def test_torch_export_matches_checkpoint(bundle, mode, tmp_path):
     assert max(differences.values()) < TOLERANCE, differences
     with pytest.raises(Exception):  # the channel and spatial sizes are fixed; only the batch is dynamic
         exported(torch.rand(1, BUNDLES[bundle][1][1] + 1, *BUNDLES[bundle][1][2:]))
+
+
+def _reference_experts(experts, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Unit by unit, the gate-weighted sum of the chosen experts' GELU MLPs."""
+    out = torch.zeros_like(units)
+    for u in range(units.shape[0]):
+        for gate, e in zip(gates[u], indices[u].tolist()):
+            hidden = F.gelu(F.linear(units[u], experts.linear1_weight[e], experts.linear1_bias[e]))
+            out[u] += gate * F.linear(hidden, experts.linear2_weight[e], experts.linear2_bias[e])
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_export_paths_match_the_routed_experts(tokens):
+    """The export path (dense for one token per unit, i.e. token routing; gathered otherwise) gives the result of the
+    grouped training-time path and of a unit-by-unit reference."""
+    from dex_monai.networks.blocks.dex_layer import StackedExpertMLP
+
+    torch.manual_seed(0)
+    experts = StackedExpertMLP(5, 8, 12)
+    with torch.no_grad():
+        for weight in (experts.linear1_bias, experts.linear2_bias):
+            weight.normal_()
+        units = torch.randn(7, tokens, 8)
+        indices = torch.stack([torch.randperm(5)[:2] for _ in range(7)])
+        gates = torch.softmax(torch.randn(7, 2), -1)
+        reference = _reference_experts(experts, units, gates, indices)
+        torch.testing.assert_close(experts(units, gates, indices), reference)
+        torch.testing.assert_close(experts._forward_exportable(units, gates, indices), reference)
+        torch.testing.assert_close(experts._forward_dense(units, gates, indices), reference)
+
+
+def test_token_routing_layer_exports(tmp_path):
+    """A DEX layer routing every token: ``torch.export`` (dynamic batch) and ONNX give the eager output."""
+    from dex_monai.networks.blocks.dex_layer import DEXLayer
+
+    torch.manual_seed(0)
+    layer = DEXLayer(16, 32, num_experts=4, top_k=2, mode="experts", routing="token").eval()
+    with torch.no_grad():
+        layer.experts.linear1_weight.add_(torch.randn_like(layer.experts.linear1_weight))
+        layer.router.gate.weight.mul_(10.0)
+    x = torch.randn(3, 6, 16)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,), dynamic_shapes=({0: batch},))
+    torch.onnx.export(program, f=str(tmp_path / "layer.onnx"), input_names=["x"])
+    session = onnxruntime.InferenceSession(str(tmp_path / "layer.onnx"), providers=["CPUExecutionProvider"])
+    for size in (1, 2):
+        with torch.no_grad():
+            expected = layer(x[:size])
+            assert len({tuple(r.tolist()) for r in layer.routing["indices"].reshape(-1, 2)}) > 1  # routing varies
+            torch.testing.assert_close(program.module()(x[:size]), expected, atol=1e-5, rtol=1e-5)
+        got = torch.from_numpy(session.run(None, {"x": x[:size].numpy()})[0])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_forced_routing_changes_logits(tmp_path):
