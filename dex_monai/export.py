@@ -69,7 +69,7 @@ def bundle_export(
     key_in_ckpt: str = "",
     input_shape: Sequence[int] | None = None,
     **override: Any,
-) -> str:
+) -> None:
     """Build ``net_id`` from a bundle config, load ``ckpt_file`` into it and save its ``torch.export`` program.
 
     Args:
@@ -83,9 +83,8 @@ def bundle_export(
         input_shape: ``[B, C, *spatial]`` of an example input; the batch size is dynamic in the export.
         override: ``id: value`` pairs overriding the config (e.g. ``roi_size``, ``finetune_mode``).
 
-    Returns:
-        ``filepath``; the program stores the metadata as ``metadata.json`` and the configs (by file name) as
-        ``configs.json`` (see :func:`load_exported`).
+    The program stores the metadata as ``metadata.json`` and the configs (by file name) as ``configs.json``
+    (see :func:`load_exported`).
     """
     from monai.bundle import ConfigParser
 
@@ -110,7 +109,6 @@ def bundle_export(
     torch.export.save(program, filepath, extra_files=extra_files)
     shape = ", ".join(str(s) for s in input_shape[1:])
     print(f"exported {net_id} to {filepath}: input [B, {shape}], B dynamic")
-    return str(filepath)
 
 
 def load_exported(filepath: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

@@ -80,7 +80,8 @@ def export_and_compare(root: Path, configs_dir: Path, overrides: dict, input_sha
     onnx_path = root / "models" / "model.onnx"
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        exported, _ = load_exported(bundle_export(filepath=str(root / "models" / "model.pt2"), **common))
+        bundle_export(filepath=str(root / "models" / "model.pt2"), **common)
+        exported, _ = load_exported(root / "models" / "model.pt2")
         onnx_export(filepath=str(onnx_path), use_trace=True, converter_kwargs={
             "input_names": ["image"], "output_names": ["pred"], "dynamic_shapes": [{0: "batch"}], "dynamo": True},
             **common)

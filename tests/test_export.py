@@ -41,6 +41,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="install the 'export' ex
 TOLERANCE = 1e-3
 MODES = ("experts", "director")
 CASES = [(bundle, mode) for bundle in BUNDLES for mode in MODES]
+# the README's --converter_kwargs; pass copies: onnx_export adds keys to the dict it is given
 ONNX_KWARGS = {"input_names": ["image"], "output_names": ["pred"], "dynamic_shapes": [{0: "batch"}], "dynamo": True}
 # raised inside torch 2.13's own ONNX exporter when it deep-copies the ExportedProgram (not from a call of ours)
 TORCH_INTERNAL = ("`isinstance(treespec, LeafSpec)` is deprecated",)
@@ -71,7 +72,7 @@ def test_onnx_export_matches_checkpoint(bundle, mode, tmp_path):
         onnx_export(
             net_id="network_def", filepath=str(onnx_path), ckpt_file=str(ckpt),
             meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
-            input_shape=[2, *BUNDLES[bundle][1][1:]], use_trace=True, converter_kwargs=ONNX_KWARGS, **overrides,
+            input_shape=[2, *BUNDLES[bundle][1][1:]], use_trace=True, converter_kwargs=dict(ONNX_KWARGS), **overrides,
         )
     assert _deprecations(record) == []
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -87,8 +88,9 @@ def test_torch_export_matches_checkpoint(bundle, mode, tmp_path):
     configs = REPO / "bundles" / bundle / "configs"
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        path = bundle_export(
-            "network_def", tmp_path / "model.pt2", ckpt, str(configs / "inference.json"),
+        path = tmp_path / "model.pt2"
+        bundle_export(
+            "network_def", path, ckpt, str(configs / "inference.json"),
             str(configs / "metadata.json"), input_shape=BUNDLES[bundle][1], **overrides,
         )
         exported, files = load_exported(path)
