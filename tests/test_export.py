@@ -11,7 +11,8 @@ Each exported model must give the checkpoint's logits (max abs difference < 1e-3
 "experts" mode the two test images are forced to different experts in every layer (checked in eager mode), and the
 example input of the export is another random batch, so a routing frozen at export time would fail the comparison
 (``test_forced_routing_changes_logits`` shows the difference is far above the tolerance). No deprecation warning may
-be raised by the export or the loading.
+be raised by the export or the loading, except one FutureWarning that torch 2.13's ONNX exporter raises inside itself
+(``TORCH_INTERNAL``).
 """
 
 from __future__ import annotations
