@@ -16,6 +16,6 @@ echo "[setup] creating environment in $VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # the CPU build of torch first: a plain 'torch' requirement would pull the multi-GB CUDA build
 "$VENV/bin/python" -m pip install --quiet "torch==${DEX_TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+"$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,export]"
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, monai; print("torch", torch.__version__, "monai", monai.__version__)')"

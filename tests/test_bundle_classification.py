@@ -5,7 +5,7 @@ End-to-end tests of ``bundles/dex_classification`` at a tiny size on real breast
 folder): one training epoch and an evaluation through ``python -m monai.bundle run`` (accuracy, AUC, per-class
 report, MLflow), inference writing a CSV of class probabilities, a 2-process DDP run, a 3D configuration,
 initialisation from a DEX pre-training checkpoint through the director, ``verify_metadata``, ``verify_net_in_out``
-and a traced TorchScript export.
+and the ONNX and torch.export exports.
 """
 
 from __future__ import annotations

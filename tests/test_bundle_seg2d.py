@@ -4,7 +4,7 @@
 End-to-end tests of ``bundles/dex_seg2d`` at a tiny size on generated 2D images (grey and colour PNG with 0/255
 masks): one training epoch through ``python -m monai.bundle run`` initialised from a dense MONAI ViT checkpoint and
 fine-tuned through the director, an evaluation run, inference on PNG, a NIfTI slice and a single DICOM file (outputs
-in the input's geometry), MLflow records, ``verify_metadata``, ``verify_net_in_out`` and a traced TorchScript export.
+in the input's geometry), MLflow records, ``verify_metadata``, ``verify_net_in_out`` and the ONNX and torch.export exports.
 """
 
 from __future__ import annotations

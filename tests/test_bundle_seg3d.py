@@ -4,7 +4,7 @@
 End-to-end tests of ``bundles/dex_seg3d`` on real MR volumes (MSD hippocampus from the shared data folder) at a tiny
 size: one training epoch initialised from a DEX pre-training checkpoint through ``python -m monai.bundle run``, an
 evaluation run, inference on NIfTI volumes and a DICOM series, MLflow records, ``verify_metadata``,
-``verify_net_in_out`` and a traced TorchScript export that gives the checkpoint's output.
+``verify_net_in_out`` and ONNX and torch.export exports that give the checkpoint's output.
 """
 
 from __future__ import annotations

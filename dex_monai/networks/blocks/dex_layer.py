@@ -236,8 +236,8 @@ class StackedExpertMLP(nn.Module):
         Returns:
             ``[U, T, D]``: for each unit, the gate-weighted sum of its K experts' outputs.
         """
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            return self._forward_gathered(units, gates, indices)
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
+            return self._forward_exportable(units, gates, indices)
         top_k = indices.shape[1]
         flat_experts = indices.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
@@ -271,8 +271,27 @@ class StackedExpertMLP(nn.Module):
         autocast = torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
         return not dropout_active and not autocast and self.linear1_weight.dtype in (torch.float32, torch.float64)
 
+    def _forward_exportable(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The export path (``torch.export``, ONNX, tracing): no host syncs, no data-dependent shapes, routing decided
+        per unit at run time. Image routing gathers each image's K weight sets; token routing (one token per unit)
+        runs every expert densely and weights them by the gates, as gathering weights per token would hold
+        ``U * K * H * D`` values."""
+        if units.shape[1] == 1:
+            return self._forward_dense(units, gates, indices)
+        return self._forward_gathered(units, gates, indices)
+
+    def _forward_dense(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Every expert on every unit, summed with the gates scattered to ``[U, E]`` (zero for the experts not
+        chosen): the same result as the routed paths."""
+        weights = torch.zeros(indices.shape[0], self.num_experts, dtype=units.dtype, device=units.device)
+        weights = weights.scatter(1, indices, gates.to(units.dtype))  # [U, E]
+        hidden = torch.einsum("utd,ehd->uteh", units, self.linear1_weight) + self.linear1_bias
+        hidden = self.drop(F.gelu(hidden))
+        out = self.drop(torch.einsum("uteh,edh->uted", hidden, self.linear2_weight) + self.linear2_bias)
+        return torch.einsum("uted,ue->utd", out, weights)
+
     def _forward_gathered(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Same result with per-unit gathered weights and batched products: traceable, used for TorchScript export."""
+        """Same result with per-unit gathered weights (``[U, K, H, D]``) and batched products."""
         w1 = self.linear1_weight[indices]  # [U, K, H, D]
         hidden = torch.einsum("utd,ukhd->ukth", units, w1) + self.linear1_bias[indices].unsqueeze(2)
         hidden = self.drop(F.gelu(hidden))
@@ -373,6 +392,8 @@ class DEXLayer(nn.Module):
             ``[B, N, D]``.
         """
         if self.mode == "director":
+            if torch.compiler.is_exporting():  # losses and routing records are not part of an exported graph
+                return self.director(x)
             self.alignment_loss = self.balance_loss = x.new_zeros(())
             self.routing = {}
             return self.director(x)
@@ -385,6 +406,8 @@ class DEXLayer(nn.Module):
             units = x.reshape(batch * tokens, 1, dim)
             gates, indices = decision.gates.reshape(batch * tokens, -1), decision.indices.reshape(batch * tokens, -1)
         out = self.experts(units, gates, indices).reshape(batch, tokens, dim)
+        if torch.compiler.is_exporting():
+            return out
 
         if self.mode == "pretrain":
             # the target comes from the director before this step's GEMA update, as in the public code
