@@ -278,11 +278,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--reference", default=None, help="checkout of the public DEX code: time its models too")
     parser.add_argument("--timing-only", action="store_true", help="skip peak memory, FLOPs and expert grouping")
+    parser.add_argument("--batch", type=int, default=0, help="images per step (0: the configuration's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = CONFIGS[args.config]
+    config = CONFIGS[args.config] | ({"batch": args.batch} if args.batch else {})
     reference = None
     if args.reference:
         from reference_models import load_reference
