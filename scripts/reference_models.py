@@ -27,6 +27,8 @@ def load_reference(folder: str | Path) -> ModuleType:
         root = root / "DEX_pretraining"
     if not (root / "model" / "models_mae_DEX.py").is_file():
         raise FileNotFoundError(f"{root} holds no model/models_mae_DEX.py: pass a checkout of YutingHe-list/DEX.")
+    for name in [m for m in sys.modules if m == "model" or m.startswith("model.")]:
+        del sys.modules[name]  # a package "model" imported earlier (another checkout) would shadow this one
     sys.path.insert(0, str(root))
     try:
         return importlib.import_module("model.models_mae_DEX")
