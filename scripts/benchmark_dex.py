@@ -13,10 +13,17 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak reside
 before the model was built, sampled every millisecond in a separate pass (so the sampler does not slow the timed
 steps; ``malloc_trim`` between runs so freed memory is returned).
 
+With ``--reference DIR`` (a checkout of the public DEX code, GitHub YutingHe-list/DEX, in an environment where
+``timm`` imports; nothing of it is copied here) the reference DEX MAE and its dense twin are built with the same
+dimensions and timed in the same round-robin; the report adds their step times and the paired speed-ups
+``speedup_dex_over_reference_dex`` (median over rounds of reference DEX step / this package's DEX step) and
+``speedup_dense_over_reference_dense``.
+
 Examples::
 
     python scripts/benchmark_dex.py --config S
-    python scripts/benchmark_dex.py --config B --device cuda --bf16
+    python scripts/benchmark_dex.py --config S --threads 2 --reference /path/to/DEX
+    python scripts/benchmark_dex.py --config B --device cuda --bf16 --reference /path/to/DEX
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -52,6 +61,8 @@ CONFIGS = {
 
 
 MASKING_RATIO = 0.75
+GEMA_MOMENTUM = 0.99
+NOISE_STD = 1.0
 
 
 class PeakRSS:
@@ -100,14 +111,38 @@ def release_memory(device: torch.device) -> None:
             pass
 
 
-def build(config: dict, dense: bool, device: torch.device) -> tuple[DEXMaskedAutoEncoder, torch.optim.Optimizer]:
-    kwargs = {k: v for k, v in config.items() if k != "batch"}
-    model = DEXMaskedAutoEncoder(in_channels=3, spatial_dims=2, masking_ratio=MASKING_RATIO, dense=dense, **kwargs)
+def _with_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05, fused=True)
-    return model, optimizer
+    return model, torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05, fused=True)
+
+
+def build(config: dict, dense: bool, device: torch.device) -> tuple[DEXMaskedAutoEncoder, torch.optim.Optimizer]:
+    kwargs = {k: v for k, v in config.items() if k != "batch"}
+    model = DEXMaskedAutoEncoder(in_channels=3, spatial_dims=2, masking_ratio=MASKING_RATIO, dense=dense, **kwargs)
+    model.set_schedule_values(gema_momentum=GEMA_MOMENTUM, noise_std=NOISE_STD)
+    return _with_optimizer(model, device)
+
+
+def builders(config: dict, device: torch.device, reference=None) -> dict[str, Callable]:
+    """Name -> a function building ``(model, optimizer, losses)``; the reference models when ``reference`` is given.
+
+    Args:
+        reference: the imported reference ``models_mae_DEX`` (see ``reference_models.load_reference``) or None.
+    """
+    made = {name: partial(lambda dense: (*build(config, dense, device), package_losses), name == "dense")
+            for name in ("dense", "dex")}
+    if reference is not None:
+        from reference_models import build_reference, reference_losses
+
+        losses = partial(reference_losses, masking_ratio=MASKING_RATIO, momentum=GEMA_MOMENTUM, noise_std=NOISE_STD)
+        for name in ("dense", "dex"):
+            made[f"reference_{name}"] = partial(
+                lambda dense: (*_with_optimizer(build_reference(reference, config, dense), device), losses),
+                name == "dense",
+            )
+    return made
 
 
 def _now(device: torch.device) -> float:
@@ -116,12 +151,18 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def train_step(model, optimizer, images, bf16: bool) -> tuple[float, float]:
+def package_losses(model: DEXMaskedAutoEncoder, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This package's forward (GEMA included): ``(mae, alignment, balance)`` scalar losses."""
+    _, out = model(images)
+    return out["mae"], out["alignment"], out["balance"]
+
+
+def train_step(model, optimizer, images, bf16: bool, losses: Callable = package_losses) -> tuple[float, float]:
     """One pre-training step; returns (seconds of forward + backward, seconds of the optimiser step)."""
     start = _now(images.device)
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        _, out = model(images)
-        loss = out["mae"] + 0.1 * out["alignment"] + 0.01 * out["balance"]
+        mae, alignment, balance = losses(model, images)
+        loss = mae + 0.1 * alignment + 0.01 * balance
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     middle = _now(images.device)
@@ -129,35 +170,37 @@ def train_step(model, optimizer, images, bf16: bool) -> tuple[float, float]:
     return middle - start, _now(images.device) - middle
 
 
-def time_round(config: dict, device: torch.device, steps: int, warmup: int, bf16: bool, seed: int):
-    """Times ``steps`` pairs of steps of freshly built dense and DEX models on the same batch.
+def time_round(makers: dict[str, Callable], config: dict, device: torch.device, steps: int, warmup: int, bf16: bool,
+               seed: int):
+    """Times ``steps`` rounds of one step of each freshly built model, all on the same batch.
 
-    The two steps of a pair run back to back, their order alternating from pair to pair, so that slow drifts of
-    the machine's speed fall on both models alike. No sampler thread runs meanwhile.
+    The models of a round step back to back, their order rotating from round to round, so that slow drifts of
+    the machine's speed fall on all alike. No sampler thread runs meanwhile.
 
     Returns:
-        ``{"dense": [(forward + backward s, optimiser s), ...], "dex": [...]}`` (index i of both lists: pair i) and
-        the parameter counts of both models.
+        ``{name: [(forward + backward s, optimiser s), ...]}`` (index i of every list: round i) and the parameter
+        counts of the models.
     """
     release_memory(device)
     torch.manual_seed(seed)
     batch = torch.rand(config["batch"], 3, config["img_size"], config["img_size"], device=device)
-    models = {name: build(config, name == "dense", device) for name in ("dense", "dex")}
-    for model, _ in models.values():
-        model.set_schedule_values(gema_momentum=0.99, noise_std=1.0)
+    models = {name: make() for name, make in makers.items()}
+    names = list(models)
     for _ in range(warmup):
-        for model, optimizer in models.values():
-            train_step(model, optimizer, batch, bf16)
-    times: dict[str, list] = {"dense": [], "dex": []}
-    for pair in range(steps):
-        for name in ("dense", "dex") if pair % 2 == 0 else ("dex", "dense"):
-            times[name].append(train_step(*models[name], batch, bf16))
+        for model, optimizer, losses in models.values():
+            train_step(model, optimizer, batch, bf16, losses)
+    times: dict[str, list] = {name: [] for name in names}
+    for step in range(steps):
+        shift = step % len(names)
+        for name in names[shift:] + names[:shift]:
+            model, optimizer, losses = models[name]
+            times[name].append(train_step(model, optimizer, batch, bf16, losses))
     info = {
         name: {
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
-        for name, (model, _) in models.items()
+        for name, (model, _, _) in models.items()
     }
     del models
     release_memory(device)
@@ -228,24 +271,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="S")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed pairs of steps (dense and DEX) per round")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of every model per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of freshly built models; medians over all rounds")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--reference", default=None, help="checkout of the public DEX code: time its models too")
+    parser.add_argument("--timing-only", action="store_true", help="skip peak memory, FLOPs and expert grouping")
+    parser.add_argument("--batch", type=int, default=0, help="images per step (0: the configuration's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = CONFIGS[args.config]
-    runs: dict[str, list] = {"dense": [], "dex": []}
+    config = CONFIGS[args.config] | ({"batch": args.batch} if args.batch else {})
+    reference = None
+    if args.reference:
+        from reference_models import load_reference
+
+        reference = load_reference(args.reference)
+    makers = builders(config, device, reference)
+    runs: dict[str, list] = {name: [] for name in makers}
     info: dict[str, dict] = {}
     for round_index in range(args.rounds):
-        times, info = time_round(config, device, args.steps, args.warmup, args.bf16, seed=round_index)
+        times, info = time_round(makers, config, device, args.steps, args.warmup, args.bf16, seed=round_index)
         for name in runs:
             runs[name] += times[name]
-    peaks = {name: peak_memory(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
-    flops = {name: step_flops(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
     steps = {name: [sum(parts) for parts in runs[name]] for name in runs}
     phases = {
         name: {
@@ -258,6 +308,7 @@ def main() -> None:
     dex_step = statistics.median(steps["dex"])
     pair_ratios = [dex / dense for dex, dense in zip(steps["dex"], steps["dense"])]
     quartiles = statistics.quantiles(pair_ratios, n=4)
+    is_target_setting = (args.config, device.type) in (("S", "cpu"), ("B", "cuda"))
     report = {
         "config": args.config,
         "settings": config,
@@ -270,14 +321,12 @@ def main() -> None:
             "median_step_s": round(dense_step, 5),
             **phases["dense"],
             "images_per_s": round(config["batch"] / dense_step, 2),
-            "peak_memory_mib": peaks["dense"],
             **info["dense"],
         },
         "dex": {
             "median_step_s": round(dex_step, 5),
             **phases["dex"],
             "images_per_s": round(config["batch"] / dex_step, 2),
-            "peak_memory_mib": peaks["dex"],
             **info["dex"],
         },
         "step_time_ratio_dex_over_dense": round(statistics.median(pair_ratios), 3),
@@ -288,13 +337,41 @@ def main() -> None:
             phase: round(phases["dex"][phase] / phases["dense"][phase], 3)
             for phase in ("forward_backward_s", "optimizer_s")
         },
-        "expert_layer_grouping": expert_grouping_cost(config, device),
-        "step_gflops": {name: round(value / 1e9, 6) for name, value in flops.items()},
-        "flop_ratio_dex_over_dense": round(flops["dex"] / flops["dense"], 3),
-        "peak_memory_ratio_dex_over_dense": round(peaks["dex"] / max(peaks["dense"], 1e-9), 3),
-        "target_step_time_ratio": 1.6 if args.config == "S" and device.type == "cpu" else None,
+        "target_step_time_ratio": 1.6 if is_target_setting else None,
     }
+    if reference is not None:
+        report |= reference_figures(steps, config["batch"])
+        report["target_speedup_over_reference"] = 1.25 if is_target_setting else None
+    if not args.timing_only:
+        peaks = {name: peak_memory(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
+        flops = {name: step_flops(config, name == "dense", device, args.bf16) for name in ("dense", "dex")}
+        for name in ("dense", "dex"):
+            report[name]["peak_memory_mib"] = peaks[name]
+        report |= {
+            "expert_layer_grouping": expert_grouping_cost(config, device),
+            "step_gflops": {name: round(value / 1e9, 6) for name, value in flops.items()},
+            "flop_ratio_dex_over_dense": round(flops["dex"] / flops["dense"], 3),
+            "peak_memory_ratio_dex_over_dense": round(peaks["dex"] / max(peaks["dense"], 1e-9), 3),
+        }
     print(json.dumps(report, indent=2))
+
+
+def reference_figures(steps: dict[str, list[float]], batch: int) -> dict:
+    """Step times of the reference models and paired speed-ups (step i of every model ran in the same round)."""
+    figures: dict = {}
+    for name in ("dense", "dex"):
+        ref = steps[f"reference_{name}"]
+        figures[f"reference_{name}"] = {
+            "median_step_s": round(statistics.median(ref), 5),
+            "images_per_s": round(batch / statistics.median(ref), 2),
+        }
+        speedups = [r / own for r, own in zip(ref, steps[name])]
+        quartiles = statistics.quantiles(speedups, n=4)
+        figures[f"speedup_{name}_over_reference_{name}"] = round(statistics.median(speedups), 3)
+        figures[f"speedup_{name}_quartiles"] = [round(quartiles[0], 3), round(quartiles[2], 3)]
+    ratios = [d / s for d, s in zip(steps["reference_dex"], steps["reference_dense"])]
+    figures["reference_step_time_ratio_dex_over_dense"] = round(statistics.median(ratios), 3)
+    return figures
 
 
 if __name__ == "__main__":
