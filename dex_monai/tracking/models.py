@@ -60,13 +60,15 @@ def network_signature(network: torch.nn.Module, input_shape: Sequence[int], seed
     in a few characters, as MLflow stores the example as JSON, twice; a 96^3 volume takes about 5 MB a copy) and the
     MLflow signature
     inferred from it and the network's output (:func:`first_tensor`) in eval mode. The batch axis is left
-    variable (-1), as a served model takes any batch size.
+    variable (-1), as a served model takes any batch size; the example holds at least two images, because
+    ``torch.export`` (MLflow's ``pt2`` format) would fix a batch axis of size one.
     """
     from mlflow.models import infer_signature
     from mlflow.types.schema import Schema, TensorSpec
 
     generator = torch.Generator().manual_seed(seed)
-    example = torch.randint(0, 5, [int(s) for s in input_shape], generator=generator).float() / 4
+    shape = [max(2, int(input_shape[0])), *(int(s) for s in input_shape[1:])]
+    example = torch.randint(0, 5, shape, generator=generator).float() / 4
     with torch.no_grad():
         output = first_tensor(network(example))
     signature = infer_signature(example.numpy(), None if output is None else output.detach().float().numpy())
@@ -118,11 +120,12 @@ def log_network(
     registered_model_name: str | None = None,
 ) -> Any:
     """
-    Log ``network`` into the run as an MLflow model (``mlflow.pytorch``: the pickled module, a CPU copy in eval
-    mode, wrapped in :class:`MainOutput` when its forward returns more than a tensor, with the signature and input
-    example of :func:`network_signature`; pickled rather than ``torch.export``-ed, MLflow's default, because routing
-    is data dependent; pip requirements given, not inferred, so nothing is imported in a subprocess), then register it as ``registered_model_name`` when the store has a model registry
-    (SQLite and tracking servers do; a store without one only gets the warning).
+    Log ``network`` into the run as an MLflow model (``mlflow.pytorch`` in the ``pt2`` format: a CPU copy in eval
+    mode, wrapped in :class:`MainOutput` when its forward returns more than a tensor, exported with ``torch.export``
+    (per-image routing survives export, see ``networks.blocks.dex_layer``), so loading it unpickles nothing and
+    needs no ``dex_monai``; with the signature and input example of :func:`network_signature`; pip requirements
+    given, not inferred, so nothing is imported in a subprocess), then register it as ``registered_model_name`` when
+    the store has a model registry (SQLite and tracking servers do; a store without one only gets the warning).
 
     Args:
         network: the trained network, possibly wrapped in ``DistributedDataParallel`` (left on its device and in its
@@ -155,7 +158,7 @@ def log_network(
         logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                             params={k: str(v) for k, v in run.data.params.items()})
         info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example,
-                                        pip_requirements=requirements, serialization_format="pickle", run_id=run_id,
+                                        pip_requirements=requirements, serialization_format="pt2", run_id=run_id,
                                         model_id=logged.model_id)
         if registered_model_name:
             try:
