@@ -62,6 +62,8 @@ class DexBundleInferTask(BundleInferTask):
 
     def _load_bundle_config(self, path, config):
         parser = super()._load_bundle_config(path, config)
+        # as `monai.bundle run` does: the metadata under `_meta_`, which the configs reference (e.g. label names)
+        parser.read_meta(str(Path(path) / "configs" / "metadata.json"))
         apply_overrides(parser, self._dex_overrides, Path(path), self._dex_repo_root)
         return parser
 
