@@ -49,6 +49,23 @@ def test_routing_summary_by_hand_and_independent_of_experts():
         assert set(other) == keys
 
 
+def test_routing_summary_with_tables_of_different_widths():
+    """Count tables grow with the highest expert a modality reached (M4oE: one expert per modality), so modalities
+    can hold tables of different widths; the NMI is that of the choices: I(modality; expert) / H(modality), the
+    mutual information as sklearn computes it from the labels."""
+    from scipy.stats import entropy
+    from sklearn.metrics import mutual_info_score
+
+    from dex_monai.handlers.routing import routing_summary
+
+    counts = {"CT": np.array([[3, 1]]), "MR": np.array([[0, 1, 4]])}
+    modality = ["CT"] * 4 + ["MR"] * 5
+    expert = [0, 0, 0, 1] + [1, 2, 2, 2, 2]
+    metrics = routing_summary([], counts)
+    expected = mutual_info_score(modality, expert) / entropy([4, 5])
+    assert metrics["routing/nmi/layer_0"] == pytest.approx(expected)
+
+
 def test_datalist_inputs_digest_profile_and_no_duplicates(tmp_path):
     import mlflow
 

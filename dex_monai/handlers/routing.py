@@ -261,7 +261,9 @@ def routing_summary(expert_load: Sequence[np.ndarray], counts: Mapping[str, np.n
     entropies = [normalized_entropy(load) for load in expert_load]
     names = sorted(counts)
     n_layers = min((counts[m].shape[0] for m in names), default=0)
-    nmis = [count_table_nmi(np.stack([counts[m][layer] for m in names])) for layer in range(n_layers)]
+    width = max((counts[m].shape[1] for m in names), default=0)  # tables grow with the experts a modality reached
+    tables = {m: np.pad(counts[m][:n_layers], ((0, 0), (0, width - counts[m].shape[1]))) for m in names}
+    nmis = [count_table_nmi(np.stack([tables[m][layer] for m in names])) for layer in range(n_layers)]
     for kind, values in (("load_entropy", entropies), ("nmi", nmis)):
         for layer, value in enumerate(values):
             metrics[f"routing/{kind}/layer_{layer}"] = float(value)
