@@ -63,6 +63,9 @@ LOSS_TERMS = ("loss", "mae", "alignment", "balance", "feature")
 #: Prefixes of task metrics (MONAI's bundle names: ``val_mean_dice``, ``val_accuracy``, ``test_auc``...).
 TASK_PREFIXES = ("val_", "test_", "train_")
 
+#: Task metrics logged without a prefix (the transfer benchmark's runs: ``score``, ``dice``, ``auc``...).
+TASK_METRICS = ("score", "dice", "auc", "accuracy", "f1", "hd95")
+
 #: The routing summaries of :class:`~dex_monai.handlers.RoutingStatsHandler` a comparison shows (means over layers;
 #: the per-layer values and the per-expert detail stay in the run and its heatmaps).
 ROUTING_SUMMARIES = ("routing/load_entropy_mean", "routing/nmi_mean")
@@ -72,7 +75,7 @@ def metric_groups(names: Sequence[str]) -> dict[str, list[str]]:
     """
     The metrics a person compares, by kind: ``{"losses": [...], "task metrics": [...], "routing": [...]}`` (sorted;
     empty groups kept). Losses are names containing "loss" and the pre-training terms :data:`LOSS_TERMS`; task
-    metrics start with :data:`TASK_PREFIXES`; routing are :data:`ROUTING_SUMMARIES`. Everything else (learning rate
+    metrics start with :data:`TASK_PREFIXES` or are :data:`TASK_METRICS`; routing are :data:`ROUTING_SUMMARIES`. Everything else (learning rate
     and other schedules, gradient norms, per-layer and per-expert routing values) is left to the CSV: the groups
     never grow with the number of experts.
     """
@@ -80,7 +83,7 @@ def metric_groups(names: Sequence[str]) -> dict[str, list[str]]:
     for name in sorted(set(names)):
         if _is_loss(name) or name in LOSS_TERMS:
             groups["losses"].append(name)
-        elif name.startswith(TASK_PREFIXES):
+        elif name.startswith(TASK_PREFIXES) or name in TASK_METRICS:
             groups["task metrics"].append(name)
         elif name in ROUTING_SUMMARIES:
             groups["routing"].append(name)
