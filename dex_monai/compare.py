@@ -22,6 +22,7 @@ Command line (see ``docs/compare.md``)::
 
     python -m dex_monai.compare --experiment dex-pretrain --tag stage=pretrain --out eval/comparison
     python -m dex_monai.compare 1f0c... 9ab2... --tracking-uri bundles/dex_pretrain/eval/mlruns.db
+    python -m dex_monai.compare benchmark-report --out-dir outputs/transfer_protocol   # transfer protocol report
 
 Tracking store: ``--tracking-uri`` (a URI, or a plain path to an SQLite ``.db`` file or to the
 folder holding ``mlruns.db``); without it ``$MLFLOW_TRACKING_URI``, else ``./eval/mlruns.db`` (where
@@ -36,4 +37,8 @@ from dex_monai.tracking import __all__  # noqa: F401
 from dex_monai.tracking.compare import main
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["benchmark-report"]:  # the transfer protocol's table and paired-difference plot
+        from dex_monai.benchmark.report import main as benchmark_report
+
+        sys.exit(benchmark_report(sys.argv[2:]))
     sys.exit(main())
