@@ -27,12 +27,15 @@ class ProtocolConfig(BenchmarkConfig):
         "busi_cls", "pneumonia_cls", "breast_cls", "em_membrane_seg", "hippocampus_seg3d", "adrenal_cls3d",
     )
     experiment: str = "dex-transfer-protocol"
+    # CPU sizes (2 cores, < 60 min for 3 seeds): fewer steps than the one-seed run, which had 600 / 150
+    pretrain_steps: int = 300
+    finetune_steps: int = 50
     seeds: int = 3
     regimes: Sequence[str] = ("all", "few")
     evaluations: Sequence[str] = ("finetune", "probe")
     few_per_class: int = 8  # few-label regime, classification: labelled images per class
     few_images: int = 8  # few-label regime, segmentation: labelled images (2D tiles or 3D volumes)
-    probe_steps: int = 150
+    probe_steps: int = 100
     probe_lr: float = 1e-2
     diagnostic_images_per_modality: int = 60
     device: str = "cpu"

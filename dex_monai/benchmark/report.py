@@ -68,9 +68,10 @@ def records_from_mlflow(tracking_uri: str, benchmark_id: str) -> list[dict]:
     return records
 
 
-def summarise(cells: Sequence[dict], first: str = "dex", second: str = "dense") -> dict:
+def summarise(cells: Sequence[dict], first: str = "dex", second: str = "dense", order: Sequence[str] = ()) -> dict:
     """Per (regime, evaluation): per task and init the interval over seeds, the mean over tasks per init, and the
-    paired difference ``first - second`` over the (task, seed) pairs both have; plus every cell with a non-finite score."""
+    paired difference ``first - second`` over the (task, seed) pairs both have; plus every cell with a non-finite score.
+    Initialisations are listed in ``order`` first, then alphabetically."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for c in cells:
         groups[(c["regime"], c["evaluation"])].append(c)
@@ -79,7 +80,8 @@ def summarise(cells: Sequence[dict], first: str = "dex", second: str = "dense") 
     all_pairs: list[tuple[float, float]] = []
     for (regime, evaluation), items in sorted(groups.items()):
         tasks = sorted({c["task"] for c in items})
-        inits = sorted({c["init"] for c in items})
+        present = {c["init"] for c in items}
+        inits = [i for i in order if i in present] + sorted(present - set(order))
         by = {(c["task"], c["init"], c["seed"]): float(c["score"]) for c in items}
         seeds = sorted({c["seed"] for c in items})
         table: dict = {}
@@ -145,8 +147,11 @@ def plot_paired_differences(summary: dict, path: Path, first: str = "dex", secon
     groups = [(name, g) for name, g in summary["groups"].items() if g.get("pairs")]
     if not groups:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.6), squeeze=False, sharey=True)
-    for ax, (name, g) in zip(axes[0], groups):
+    columns = min(2, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 4.2 * rows), squeeze=False, sharey=True)
+    dots: list[float] = []
+    for ax, (name, g) in zip(axes.flat, groups):
         labels = g["tasks"] + ["all tasks"]
         for x, task in enumerate(labels):
             if task == "all tasks":
@@ -156,19 +161,27 @@ def plot_paired_differences(summary: dict, path: Path, first: str = "dex", secon
             if not values:
                 continue
             iv = mean_interval(values)
-            ax.scatter(np.full(len(values), x) + np.linspace(-0.12, 0.12, len(values)), values, s=14, color="0.55",
+            dots += values + ([iv.low, iv.high] if task == "all tasks" else [])
+            ax.scatter(np.full(len(values), x) + np.linspace(-0.15, 0.15, len(values)), values, s=14, color="0.55",
                        zorder=2)
             color = "tab:green" if iv.low > 0 else "tab:red" if iv.high < 0 else "tab:blue"
-            ax.errorbar(x, iv.mean, yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", color=color, capsize=4,
-                        markersize=7, zorder=3)
+            ax.errorbar(x, iv.mean, yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="s" if task == "all tasks" else "o",
+                        color=color, capsize=4, markersize=8 if task == "all tasks" else 6, zorder=3)
         ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.axvline(len(labels) - 1.5, color="0.7", linewidth=0.8, linestyle=":")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=9)
         p = g["paired"]["wilcoxon_p"]
         ax.set_title(f"{name.replace('|', ', ')}\nWilcoxon p = {p:.3g}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel(f"{first} - {second} (AUC or Dice)")
-    fig.suptitle(f"Paired difference {first} - {second}: dots = seeds, bars = mean and 95 % t-interval", fontsize=11)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    span = max(abs(min(dots)), abs(max(dots)), 0.01) * 1.3  # the seeds and the pooled interval; wider per-task bars clip
+    axes[0][0].set_ylim(-span, span)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{first} - {second} (AUC or Dice)")
+    fig.suptitle(f"Paired difference {first} - {second}: grey dots = seeds, markers = mean with 95 % t-interval "
+                 "(green/red: interval above/below 0; long bars clipped)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -188,7 +201,7 @@ def write_report(out_dir: Path, first: str = "dex", second: str = "dense", inits
     cells = list(cells if cells is not None else stored)
     if inits is not None:
         cells = [c for c in cells if c["init"] in inits]
-    summary = summarise(cells, first, second)
+    summary = summarise(cells, first, second, order=list(inits or (first, second)))
     for key, g in summary["groups"].items():  # the task of every pair, for the plot
         regime, evaluation = key.split("|")
         by = {(c["task"], c["init"], c["seed"]): float(c["score"]) for c in cells
