@@ -33,7 +33,7 @@ from dex_monai.benchmark.stats import mean_interval, paired_difference, verdict
 __all__ = ["load_cells", "main", "records_from_mlflow", "summarise", "write_report"]
 
 _FIELDS = ["key", "task", "init", "regime", "evaluation", "seed", "modality", "metric", "score", "train_size",
-           "eval_size", "seconds"]
+           "eval_size", "seconds", "cpu_seconds"]
 
 
 def load_cells(out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -226,11 +226,18 @@ def write_report(out_dir: Path, first: str = "dex", second: str = "dense", inits
         md += ["## All regimes and evaluations together", "", summary["overall"]["verdict"], ""]
     if diagnostics:
         md += ["## Collapse diagnostics (pre-trained encoders; mean over seeds)", "", *_diagnostics_markdown(diagnostics), ""]
-    seconds: dict[str, list[float]] = defaultdict(list)
+    seconds: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for c in cells:
-        seconds[c["evaluation"]].append(float(c.get("seconds", float("nan"))))
-    md += ["## Wall time per cell (measured)", "", "| evaluation | cells | mean s | total s |", "|---|---|---|---|"]
-    md += [f"| {e} | {len(v)} | {np.nanmean(v):.1f} | {np.nansum(v):.0f} |" for e, v in sorted(seconds.items())]
+        seconds[c["evaluation"]].append((float(c.get("seconds", "nan")), float(c.get("cpu_seconds", "nan"))))
+    for d in diagnostics:
+        seconds[f"pre-training ({d['kind']})"].append((float(d.get("pretrain_seconds", "nan")),
+                                                      float(d.get("pretrain_cpu_seconds", "nan"))))
+    md += ["## Time per cell (measured; CPU = the process's CPU seconds, all threads)", "",
+           "| stage | count | mean wall s | total wall s | mean CPU s | total CPU s |", "|---|---|---|---|---|---|"]
+    for e, v in sorted(seconds.items()):
+        wall, cpu = np.array(v).T
+        md.append(f"| {e} | {len(v)} | {np.nanmean(wall):.1f} | {np.nansum(wall):.0f} | {np.nanmean(cpu):.1f} "
+                  f"| {np.nansum(cpu):.0f} |")
     (report_dir / "protocol_report.md").write_text("\n".join(md) + "\n")
     files["markdown"] = str(report_dir / "protocol_report.md")
     with open(report_dir / "protocol_cells.csv", "w", newline="") as handle:
