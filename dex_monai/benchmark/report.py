@@ -46,12 +46,14 @@ def load_cells(out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def records_from_mlflow(tracking_uri: str, benchmark_id: str) -> list[dict]:
-    """The cell records rebuilt from the MLflow runs tagged ``benchmark_id`` (one run per cell)."""
+    """The cell records rebuilt from the MLflow runs tagged ``benchmark_id`` (one run per cell); ``tracking_uri`` may
+    be a plain path to an SQLite ``.db`` file."""
     import mlflow
 
     from dex_monai.benchmark.tasks import TASKS
+    from dex_monai.tracking.store import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.benchmark_id = '{benchmark_id}'")
     records = []
     for _, row in runs.iterrows():
@@ -277,9 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tracking_uri:
         if not args.benchmark_id:
             parser.error("--tracking-uri needs --benchmark-id")
-        from dex_monai.tracking.store import resolve_tracking_uri  # plain paths to .db files too
-
-        cells = records_from_mlflow(resolve_tracking_uri(args.tracking_uri), args.benchmark_id)
+        cells = records_from_mlflow(args.tracking_uri, args.benchmark_id)
         if not cells:
             print(f"no runs tagged benchmark_id={args.benchmark_id} in {args.tracking_uri}")
             return 2
