@@ -113,11 +113,12 @@ def summarise(cells: Sequence[dict], first: str = "dex", second: str = "dense", 
     return summary
 
 
-def _fmt(iv: dict | None, bad: int = 0) -> str:
+def _fmt(iv: dict | None, bad: int = 0, seeds: int = 0) -> str:
+    """``mean [low, high]``, with ``(n=..)`` when fewer than ``seeds`` values and the count of NaN scores."""
     if iv is None:
         return f"n/a ({bad} NaN)" if bad else "n/a"
     text = f"{iv['mean']:.3f}" if iv["n"] < 2 else f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
-    return text + (f" ({bad} NaN)" if bad else "")
+    return text + (f" (n={iv['n']})" if iv["n"] < seeds else "") + (f" ({bad} NaN)" if bad else "")
 
 
 def _diagnostics_markdown(diagnostics: Sequence[dict]) -> list[str]:
@@ -221,8 +222,8 @@ def write_report(out_dir: Path, first: str = "dex", second: str = "dense", inits
                "", "| task | metric | " + " | ".join(g["inits"]) + " |", "|---|---|" + "---|" * len(g["inits"])]
         metric = {c["task"]: c["metric"] for c in cells}
         for task in g["tasks"]:
-            md.append(f"| {task} | {metric[task]} | " + " | ".join(_fmt(*g["table"][f"{task}|{i}"]) for i in g["inits"]) + " |")
-        md.append("| **mean over tasks** | | " + " | ".join(_fmt(g["mean"][i]) for i in g["inits"]) + " |")
+            md.append(f"| {task} | {metric[task]} | " + " | ".join(_fmt(*g["table"][f"{task}|{i}"], len(g["seeds"])) for i in g["inits"]) + " |")
+        md.append("| **mean over tasks** | | " + " | ".join(_fmt(g["mean"][i], 0, len(g["seeds"])) for i in g["inits"]) + " |")
         md += ["", g.get("verdict", f"no {first}/{second} pairs"), ""]
     if "overall" in summary:
         md += ["## All regimes and evaluations together", "", summary["overall"]["verdict"], ""]
