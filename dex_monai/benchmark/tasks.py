@@ -126,6 +126,18 @@ def load_pneumonia(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -
                     "classification", "X-ray")
 
 
+def load_breast(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
+    """BreastMNIST (ultrasound, benign/normal vs malignant): training split to train, test split to evaluate."""
+    path = root / "medmnist" / "breastmnist.npz"
+    tx, ty = _npz(path, "train")
+    ex, ey = _npz(path, "test")
+    ti = rng.permutation(len(tx))[: cfg.max_train]
+    ei = rng.permutation(len(ex))[: cfg.max_eval]
+    prep = lambda a: _to_rgb_normalised(_resize(torch.from_numpy(a).float().unsqueeze(1) / 255.0, (cfg.img_size,) * 2))  # noqa: E731
+    return TaskData(prep(tx[ti]), torch.from_numpy(ty[ti]).long(), prep(ex[ei]), torch.from_numpy(ey[ei]).long(), 2, 2,
+                    "classification", "ultrasound")
+
+
 def load_em_membranes(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
     folder = root / "em" / "isbi2012"
     images = sorted((folder / "image").glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
@@ -213,6 +225,7 @@ TASKS: dict[str, Task] = {
         Task("em_membrane_seg", "pathology", "segmentation", 2, load_em_membranes, "em/isbi2012"),
         Task("hippocampus_seg3d", "MR", "segmentation", 3, load_hippocampus, "mr/hippocampus"),
         Task("adrenal_cls3d", "CT", "classification", 3, load_adrenal, "medmnist/adrenalmnist3d.npz"),
+        Task("breast_cls", "ultrasound", "classification", 2, load_breast, "medmnist/breastmnist.npz"),
         Task("mixed_seg2d", "pathology+MR", "segmentation", 2, load_mixed_foreground, "em/isbi2012 + mr/hippocampus"),
     )
 }

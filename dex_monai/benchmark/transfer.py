@@ -169,9 +169,15 @@ def pretrain(
                                {**asdict(cfg), "stage": "pretrain", "init": name})
     handlers = [_schedule(optimizer, cfg, steps), GEMAMomentumScheduleHandler(model, **gema),
                 RouterNoiseScheduleHandler(model, **noise), ProgressBarHandler(("loss", "mae"), desc=f"pre-train {name}")]
+    if getattr(cfg, "lambda_bal_decay", False):  # the paper: lambda_bal from its start value to 0 by cosine
+        from dex_monai.handlers import LossWeightScheduleHandler
+
+        handlers.append(LossWeightScheduleHandler(end=0.0))
     handlers += [tracking] if tracking else []
+    device = getattr(cfg, "device", "cpu")
+    model.to(device)
     trainer = DEXPretrainTrainer(
-        device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, steps, cfg.pretrain_batch),
+        device=device, max_epochs=1, train_data_loader=_loader(items, flip, cfg, steps, cfg.pretrain_batch),
         network=model, optimizer=optimizer, lambda_co=cfg.lambda_co, lambda_bal=cfg.lambda_bal, max_grad_norm=1.0,
         train_handlers=handlers, decollate=False,
     )
@@ -179,7 +185,7 @@ def pretrain(
     if kind == "m4oe":
         model.encoder.set_modality_ids(None)
     path = out_dir / f"pretrain_{name}.pt"
-    torch.save({"model": model.state_dict()}, path)
+    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
     _finish_mlflow(tracking, {"skipped_steps": float(trainer.state.skipped_steps)})
     return model, path
 
@@ -219,9 +225,10 @@ def _evaluate(model: torch.nn.Module, data: TaskData, batch: int) -> dict[str, f
 
     model.eval()
     outputs = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, data.eval_x.shape[0], batch):
-            outputs.append(model(data.eval_x[i : i + batch]))
+            outputs.append(model(data.eval_x[i : i + batch].to(device)).float().cpu())
     logits = torch.cat(outputs)
     if data.kind == "classification":
         probs = logits.softmax(1)
@@ -247,7 +254,7 @@ def _evaluate(model: torch.nn.Module, data: TaskData, batch: int) -> dict[str, f
 
 def finetune(
     task: Task, data: TaskData, cfg: BenchmarkConfig, init: str, checkpoint: Path | None, mlflow, tags: dict,
-    modality_names: Sequence[str] = (),
+    modality_names: Sequence[str] = (), run_name: str | None = None,
 ) -> dict[str, float]:
     """Fine-tune one initialisation on one task with MONAI's ``SupervisedTrainer`` (AdamW, warm-up + cosine, gradient
     clipping, random flips) and return its held-out metrics (``score`` = AUC or Dice).
@@ -289,7 +296,7 @@ def finetune(
     flip = RandFlipd(["image", "label"] if segmentation else "image", prob=0.5, spatial_axis=-1)
     flip.set_random_state(seed=cfg.seed)
     tracking = _mlflow_handler(
-        cfg, mlflow, f"{task.name}-{init}", {**tags, "stage": "finetune", "init": init, "task": task.name},
+        cfg, mlflow, run_name or f"{task.name}-{init}", {**tags, "stage": "finetune", "init": init, "task": task.name},
         {"task": task.name, "init": init, "modality": task.modality, "kind": data.kind, "spatial_dims": task.spatial_dims,
          "finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr, "train_size": len(data.train_x),
          "eval_size": len(data.eval_x), "init_notes": notes[:240]},
@@ -299,8 +306,10 @@ def finetune(
     if coordinated:
         handlers.append(GMCoordHandler(loss_fn))
     handlers += [tracking] if tracking else []
+    device = getattr(cfg, "device", "cpu")
+    model.to(device)
     trainer = SupervisedTrainer(
-        device="cpu", max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.finetune_steps, cfg.finetune_batch),
+        device=device, max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.finetune_steps, cfg.finetune_batch),
         network=model, optimizer=optimizer, loss_function=loss_fn, train_handlers=handlers, decollate=False, **unimed,
     )
     trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
