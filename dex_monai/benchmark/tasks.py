@@ -115,27 +115,27 @@ def load_busi(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> Tas
     )
 
 
-def load_pneumonia(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    path = root / "medmnist" / "pneumoniamnist.npz"
+def _load_medmnist_2d(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator, file: str,
+                      modality: str) -> TaskData:
+    """A 2-class 2D MedMNIST task: its training split to train, its test split to evaluate (each capped at random)."""
+    path = root / "medmnist" / file
     tx, ty = _npz(path, "train")
     ex, ey = _npz(path, "test")
     ti = rng.permutation(len(tx))[: cfg.max_train]
     ei = rng.permutation(len(ex))[: cfg.max_eval]
     prep = lambda a: _to_rgb_normalised(_resize(torch.from_numpy(a).float().unsqueeze(1) / 255.0, (cfg.img_size,) * 2))  # noqa: E731
     return TaskData(prep(tx[ti]), torch.from_numpy(ty[ti]).long(), prep(ex[ei]), torch.from_numpy(ey[ei]).long(), 2, 2,
-                    "classification", "X-ray")
+                    "classification", modality)
+
+
+def load_pneumonia(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
+    """PneumoniaMNIST (chest X-ray, normal vs pneumonia)."""
+    return _load_medmnist_2d(root, cfg, rng, "pneumoniamnist.npz", "X-ray")
 
 
 def load_breast(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
-    """BreastMNIST (ultrasound, benign/normal vs malignant): training split to train, test split to evaluate."""
-    path = root / "medmnist" / "breastmnist.npz"
-    tx, ty = _npz(path, "train")
-    ex, ey = _npz(path, "test")
-    ti = rng.permutation(len(tx))[: cfg.max_train]
-    ei = rng.permutation(len(ex))[: cfg.max_eval]
-    prep = lambda a: _to_rgb_normalised(_resize(torch.from_numpy(a).float().unsqueeze(1) / 255.0, (cfg.img_size,) * 2))  # noqa: E731
-    return TaskData(prep(tx[ti]), torch.from_numpy(ty[ti]).long(), prep(ex[ei]), torch.from_numpy(ey[ei]).long(), 2, 2,
-                    "classification", "ultrasound")
+    """BreastMNIST (ultrasound, benign/normal vs malignant)."""
+    return _load_medmnist_2d(root, cfg, rng, "breastmnist.npz", "ultrasound")
 
 
 def load_em_membranes(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
