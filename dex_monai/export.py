@@ -88,6 +88,12 @@ def bundle_export(
     """
     from monai.bundle import ConfigParser
 
+    for name in ([config_file] if isinstance(config_file, (str, os.PathLike)) else list(config_file)) + [ckpt_file]:
+        if not os.path.isfile(name):
+            raise FileNotFoundError(
+                f"{name} does not exist (from {os.getcwd()}): run inside the bundle folder, or give --config_file, "
+                "--meta_file and --ckpt_file (python -m dex_monai.export --help)."
+            )
     parser = ConfigParser()
     parser.read_config(f=config_file)
     if meta_file is not None:
@@ -124,6 +130,14 @@ def load_exported(filepath: str | os.PathLike) -> tuple[nn.Module, dict[str, Any
 
 
 if __name__ == "__main__":
+    import sys
+
     import fire
 
+    if {"-h", "--help"} & set(sys.argv[1:]):  # fire would pass --help to **override
+        print("python -m dex_monai.export [network_def] --filepath models/model.pt2 --ckpt_file models/model.pt "
+              "--config_file configs/inference.json --meta_file configs/metadata.json [--input_shape [1,C,...]] "
+              "[--<config id> <value> ...]\n")
+        print(bundle_export.__doc__)
+        sys.exit(0)
     fire.Fire(bundle_export)
