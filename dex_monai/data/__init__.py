@@ -10,7 +10,8 @@
 
 from dex_monai.data.cache import SliceCache, slice_cache_key, source_signature  # noqa: E402
 from dex_monai.data.checks import RejectedFile  # noqa: E402
-from dex_monai.data.datalist import inference_datalist, plan_outputs  # noqa: E402
+from dex_monai.data.datalist import inference_datalist  # noqa: E402
+from dex_monai.data.outputs import plan_outputs  # noqa: E402
 from dex_monai.data.dataset import (  # noqa: E402
     SliceDataset,
     expand_datalist,

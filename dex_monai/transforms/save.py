@@ -1,6 +1,6 @@
 # Copyright (c) the dex_monai contributors.
 # Licensed under the Apache License, Version 2.0.
-"""Writing predictions to the paths planned for them (:func:`dex_monai.data.datalist.plan_outputs`)."""
+"""Writing predictions to the paths planned for them (:func:`dex_monai.data.outputs.plan_outputs`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from dex_monai.data.datalist import (
+from dex_monai.data.outputs import (
     OUTPUT_PATH_KEY,
     prediction_ext,
 )
@@ -41,8 +41,8 @@ def _ras_affine(affine: Any, meta: Mapping) -> np.ndarray:
 class SavePredictiond(MapTransform):
     """
     Write label maps, each to the path planned for its input (``item["output_path"]``, see
-    :func:`dex_monai.data.datalist.plan_outputs`: always under the output folder, never beside an input), in the
-    format its ending names (:func:`~dex_monai.data.datalist.prediction_ext`: with ``"auto"`` a PNG / JPEG input gets
+    :func:`dex_monai.data.outputs.plan_outputs`: always under the output folder, never beside an input), in the
+    format its ending names (:func:`~dex_monai.data.outputs.prediction_ext`: with ``"auto"`` a PNG / JPEG input gets
     a PNG prediction of the same size, anything else NIfTI). NIfTI is written with nibabel and the input's shape and
     affine (a slice stored as ``[H, W, 1]`` keeps its singleton axis and 4x4 affine, see
     :func:`restore_spatial_shape`); ``.dcm`` as a DICOM Segmentation of the DICOM input (one segment per label,
