@@ -44,6 +44,7 @@ class BenchmarkConfig:
     pretrain_images_per_modality: int = 300
     finetune_steps: int = 150
     finetune_batch: int = 16
+    seg3d_batch: int = 4  # 3D segmentation fine-tuning batch: UNETR's 3D decoder dominates a CPU run's time
     finetune_lr: float = 3e-4
     warmup_fraction: float = 0.1
     max_train: int = 400

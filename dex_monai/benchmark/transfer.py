@@ -308,8 +308,9 @@ def finetune(
     handlers += [tracking] if tracking else []
     device = getattr(cfg, "device", "cpu")
     model.to(device)
+    batch = cfg.seg3d_batch if segmentation and task.spatial_dims == 3 else cfg.finetune_batch
     trainer = SupervisedTrainer(
-        device=device, max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.finetune_steps, cfg.finetune_batch),
+        device=device, max_epochs=1, train_data_loader=_loader(items, flip, cfg, cfg.finetune_steps, batch),
         network=model, optimizer=optimizer, loss_function=loss_fn, train_handlers=handlers, decollate=False, **unimed,
     )
     trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
@@ -320,7 +321,7 @@ def finetune(
         attach_two_stage_schedule(trainer, model, expert_steps=cfg.finetune_steps // 2)
     start = time.perf_counter()
     trainer.run()
-    metrics = _evaluate(UniMedTaskView(model, data.kind) if unimed else model, data, cfg.finetune_batch)
+    metrics = _evaluate(UniMedTaskView(model, data.kind) if unimed else model, data, batch)
     if coordinated:
         metrics.update({f"gm_coef_{m}": k for m, k in loss_fn.coefficients.items()})
     metrics["train_seconds"] = time.perf_counter() - start
