@@ -118,21 +118,31 @@ def _with_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch
     return model, torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05, fused=True)
 
 
-def build(config: dict, dense: bool, device: torch.device) -> tuple[DEXMaskedAutoEncoder, torch.optim.Optimizer]:
+def build(
+    config: dict, dense: bool, device: torch.device, compile_model: bool = False
+) -> tuple[DEXMaskedAutoEncoder, torch.optim.Optimizer]:
     kwargs = {k: v for k, v in config.items() if k != "batch"}
     model = DEXMaskedAutoEncoder(in_channels=3, spatial_dims=2, masking_ratio=MASKING_RATIO, dense=dense, **kwargs)
     model.set_schedule_values(gema_momentum=GEMA_MOMENTUM, noise_std=NOISE_STD)
-    return _with_optimizer(model, device)
+    model, optimizer = _with_optimizer(model, device)
+    if compile_model:
+        model.compile()  # in place: parameters and state-dict names stay those of the eager model
+    return model, optimizer
 
 
-def builders(config: dict, device: torch.device, reference=None) -> dict[str, Callable]:
+def builders(
+    config: dict, device: torch.device, reference=None, compile_model: bool = False
+) -> dict[str, Callable]:
     """Name -> a function building ``(model, optimizer, losses)``; the reference models when ``reference`` is given.
 
     Args:
         reference: the imported reference ``models_mae_DEX`` (see ``reference_models.load_reference``) or None.
+        compile_model: ``torch.compile`` this package's models (the reference models stay eager, as published).
     """
-    made = {name: partial(lambda dense: (*build(config, dense, device), package_losses), name == "dense")
-            for name in ("dense", "dex")}
+    made = {
+        name: partial(lambda dense: (*build(config, dense, device, compile_model), package_losses), name == "dense")
+        for name in ("dense", "dex")
+    }
     if reference is not None:
         from reference_models import build_reference, reference_losses
 
@@ -279,6 +289,8 @@ def main() -> None:
     parser.add_argument("--reference", default=None, help="checkout of the public DEX code: time its models too")
     parser.add_argument("--timing-only", action="store_true", help="skip peak memory, FLOPs and expert grouping")
     parser.add_argument("--batch", type=int, default=0, help="images per step (0: the configuration's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile this package's models (compiled during the warm-up steps)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -289,7 +301,7 @@ def main() -> None:
         from reference_models import load_reference
 
         reference = load_reference(args.reference)
-    makers = builders(config, device, reference)
+    makers = builders(config, device, reference, args.compile)
     runs: dict[str, list] = {name: [] for name in makers}
     info: dict[str, dict] = {}
     for round_index in range(args.rounds):
@@ -316,6 +328,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "bf16": args.bf16,
+        "compiled": args.compile,
         "steps_timed_per_model": len(steps["dex"]),
         "dense": {
             "median_step_s": round(dense_step, 5),

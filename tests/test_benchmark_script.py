@@ -167,3 +167,22 @@ def test_real_reference_checkout_builds_and_steps():
         package_model = makers[name]()[0]
         assert counts[f"reference_{name}"] == sum(p.numel() for p in package_model.parameters() if p.requires_grad)
     assert counts["reference_dense"] < counts["reference_dex"]
+
+
+def test_compile_option_compiles_only_this_package_models(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from benchmark_dex import CONFIGS, builders
+        from reference_models import load_reference
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    config = CONFIGS["tiny"]
+    reference = load_reference(_stub_checkout(tmp_path / "dex_checkout"))
+    for compile_model in (False, True):
+        makers = builders(config, torch.device("cpu"), reference, compile_model=compile_model)
+        models = {name: make()[0] for name, make in makers.items()}
+        for name, model in models.items():
+            compiled = getattr(model, "_compiled_call_impl", None) is not None
+            assert compiled == (compile_model and not name.startswith("reference_")), name
+        # compiled in place: the state-dict names a checkpoint would carry are the eager model's
+        assert not any(key.startswith("_orig_mod") for key in models["dex"].state_dict())

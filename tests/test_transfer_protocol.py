@@ -182,3 +182,31 @@ def test_gpu_preset_parses_and_scales_learning_rates():
     assert seed_cfg.finetune_lr == pytest.approx(5e-4 * 64 / 512)
     cpu, _ = script.parse_args([])
     assert cpu.hidden_size == 96 and cpu.device == "cpu" and scaled_config(cpu, 0).pretrain_lr == cpu.pretrain_lr
+
+
+@pytest.mark.parametrize("spatial_dims, kind, expected", [(3, "segmentation", 3), (2, "segmentation", 5),
+                                                          (3, "classification", 5)])
+def test_finetune_batch_follows_seg3d_batch_only_for_3d_segmentation(monkeypatch, spatial_dims, kind, expected):
+    from dex_monai.benchmark import transfer
+    from dex_monai.benchmark.config import BenchmarkConfig
+    from dex_monai.benchmark.tasks import Task, TaskData
+
+    drawn = []
+    real_loader = transfer._loader
+
+    def recording_loader(items, transform, cfg, steps, batch):
+        loader = real_loader(items, transform, cfg, steps, batch)
+        drawn.extend(len(b["image"]) for b in loader)
+        return real_loader(items, transform, cfg, steps, batch)
+
+    monkeypatch.setattr(transfer, "_loader", recording_loader)
+    size = (16,) * spatial_dims
+    x = torch.rand(10, 1, *size)
+    y = torch.randint(0, 2, (10, 1, *size)) if kind == "segmentation" else torch.randint(0, 2, (10,))
+    data = TaskData(x, y, x[:4], y[:4], 2, spatial_dims, kind, "MR")
+    task = Task("toy", "MR", kind, spatial_dims, lambda *a: data, "none")
+    cfg = BenchmarkConfig(img_size=16, volume_size=16, patch_size=8, hidden_size=24, mlp_dim=32, num_layers=1,
+                          num_heads=2, num_experts=2, top_k=1, finetune_steps=2, finetune_batch=5, seg3d_batch=3)
+    metrics = transfer.finetune(task, data, cfg, "none", None, None, {})
+    assert drawn == [expected, expected]
+    assert np.isfinite(metrics["score"])
