@@ -27,7 +27,7 @@ class ProtocolConfig(BenchmarkConfig):
         "busi_cls", "pneumonia_cls", "breast_cls", "em_membrane_seg", "hippocampus_seg3d", "adrenal_cls3d",
     )
     experiment: str = "dex-transfer-protocol"
-    # CPU sizes (2 cores, < 60 min for 3 seeds): fewer steps than the one-seed run, which had 600 / 150
+    # CPU sizes (2 cores: 25 min for 3 seeds, measured): fewer steps than the one-seed run, which had 600 / 150
     pretrain_steps: int = 300
     finetune_steps: int = 50
     seeds: int = 3
