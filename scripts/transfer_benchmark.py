@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ProtocolConfig, argparse.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     preset = pre.parse_known_args(argv)[0].preset
-    args = _parser(preset).parse_args(argv)
+    parser = _parser(preset)
+    args = parser.parse_args(argv)
+    for name, value in ProtocolConfig.non_positive(vars(args)):  # refused before any work or output
+        parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     names = [f.name for f in dataclasses.fields(ProtocolConfig) if f.name != "extra_pretrain_options"]
     extra = {}
     for item in args.pretrain_option:

@@ -210,3 +210,30 @@ def test_finetune_batch_follows_seg3d_batch_only_for_3d_segmentation(monkeypatch
     metrics = transfer.finetune(task, data, cfg, "none", None, None, {})
     assert drawn == [expected, expected]
     assert np.isfinite(metrics["score"])
+
+
+@pytest.mark.parametrize("flag", ["--seg3d-batch", "--finetune-batch", "--pretrain-batch", "--seeds", "--finetune-steps"])
+def test_cli_refuses_non_positive_sizes_before_any_work(tmp_path, capsys, flag):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "transfer_benchmark.py"
+    spec = importlib.util.spec_from_file_location("transfer_benchmark_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        cli.main([flag, "0", "--out-dir", str(out_dir), "--tracking-uri", "none"])
+    assert stop.value.code == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert not out_dir.exists()  # refused before anything was written
+
+
+def test_mixed_task_loads_under_the_protocol_config(shared_data):
+    """The two-modality task resizes its hippocampus part through a copy of the run's own config type."""
+    from dex_monai.benchmark.presets import ProtocolConfig
+    from dex_monai.benchmark.tasks import TASKS
+
+    cfg = ProtocolConfig(img_size=32, max_train=4, max_eval=4)
+    data = TASKS["mixed_seg2d"].loader(shared_data, cfg, np.random.default_rng(0))
+    assert data.train_x.shape[-2:] == (32, 32) and data.eval_x.shape[-2:] == (32, 32)
+    assert set(data.train_modalities) == {"pathology", "MR"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 __all__ = ["BenchmarkConfig"]
 
@@ -53,3 +54,19 @@ class BenchmarkConfig:
     seed: int = 0
     threads: int = 0
     extra_pretrain_options: dict = field(default_factory=dict)
+
+    #: fields that must be at least 1 (sizes, steps, batches): a zero fails late, after minutes of pre-training
+    positive_fields: ClassVar[tuple[str, ...]] = (
+        "img_size", "volume_size", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "num_experts",
+        "top_k", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch", "seg3d_batch", "max_train",
+        "max_eval",
+    )
+
+    def __post_init__(self) -> None:
+        for name, value in self.non_positive(vars(self)):
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+    @classmethod
+    def non_positive(cls, values: dict) -> list[tuple[str, object]]:
+        """``(field, value)`` of every field of ``positive_fields`` in ``values`` that is below 1."""
+        return [(name, values[name]) for name in cls.positive_fields if name in values and values[name] < 1]

@@ -42,6 +42,8 @@ class ProtocolConfig(BenchmarkConfig):
     lambda_bal_decay: bool = False  # cosine-decay lambda_bal from its start value to 0 over pre-training
     base_lr_batch: int = 0  # > 0: learning rates are base rates scaled by batch / base_lr_batch (512 in the paper)
 
+    positive_fields = BenchmarkConfig.positive_fields + ("seeds", "few_per_class", "few_images", "probe_steps")
+
 
 #: preset name -> field values (flags given on the command line override them)
 PRESETS: dict[str, dict] = {

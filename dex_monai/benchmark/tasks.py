@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +203,7 @@ def load_adrenal(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> 
 def load_mixed_foreground(root: Path, cfg: BenchmarkConfig, rng: np.random.Generator) -> TaskData:
     """Two modalities in one binary segmentation task: MR hippocampus slices and EM membranes (foreground vs rest)."""
     em = load_em_membranes(root, cfg, np.random.default_rng(cfg.seed))
-    hippo = load_hippocampus(root, BenchmarkConfig(**{**asdict(cfg), "volume_size": cfg.img_size}), rng)
+    hippo = load_hippocampus(root, replace(cfg, volume_size=cfg.img_size), rng)
 
     def slices(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mid = x.shape[-1] // 2
