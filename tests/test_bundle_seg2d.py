@@ -202,7 +202,7 @@ def test_inference_png_nifti_dicom(trained, dataset, tmp_path):
 
 
 def test_outputs_never_replace_inputs(tmp_path):
-    from dex_monai.data.datalist import plan_outputs
+    from dex_monai.data.outputs import plan_outputs
     from dex_monai.transforms import SavePredictiond
 
     items = [{"image": str(tmp_path / "a.png")}, {"image": str(tmp_path / "a_seg.png")}]

@@ -77,7 +77,7 @@ def test_dicom_seg_equals_nifti_output_on_a_real_series(t1post, tmp_path):
 
 
 def test_dicom_seg_refuses_inputs_that_are_not_dicom(t1post, tmp_path):
-    from dex_monai.data.datalist import plan_outputs
+    from dex_monai.data.outputs import plan_outputs
 
     nifti = tmp_path / "inputs" / "volume.nii.gz"
     nifti.parent.mkdir()

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from dex_monai.data import RejectedFile, write_dicom_series
-from dex_monai.data.datalist import check_output_dir, inference_datalist, load_datalist, plan_outputs
+from dex_monai.data.datalist import inference_datalist, load_datalist
+from dex_monai.data.outputs import check_output_dir, plan_outputs
 from dex_monai.data.failures import FAILURE_KEY, FailureTolerantDataset, collate_skipping_failures
 from dex_monai.data.index import build_datalist
 from dex_monai.data.modality import ModalityRules

@@ -195,9 +195,9 @@ def test_finetune_batch_follows_seg3d_batch_only_for_3d_segmentation(monkeypatch
     real_loader = transfer._loader
 
     def recording_loader(items, transform, cfg, steps, batch):
-        loader = real_loader(items, transform, cfg, steps, batch)
-        drawn.extend(len(b["image"]) for b in loader)
-        return real_loader(items, transform, cfg, steps, batch)
+        batches = list(real_loader(items, transform, cfg, steps, batch))
+        drawn.extend(len(b["image"]) for b in batches)
+        return batches
 
     monkeypatch.setattr(transfer, "_loader", recording_loader)
     size = (16,) * spatial_dims

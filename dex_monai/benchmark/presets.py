@@ -55,8 +55,8 @@ PRESETS: dict[str, dict] = {
         "device": "cuda", "img_size": 224, "patch_size": 16, "volume_size": 64, "hidden_size": 768, "mlp_dim": 3072,
         "num_layers": 12, "num_heads": 12, "num_experts": 8, "top_k": 2, "decoder_hidden_size": 512,
         "decoder_num_layers": 8, "pretrain_steps": 200, "pretrain_batch": 256, "pretrain_lr": 1.5e-4,
-        "finetune_steps": 30, "finetune_batch": 64, "seg3d_batch": 16, "finetune_lr": 5e-4, "probe_steps": 150, "probe_lr": 0.1,
-        "base_lr_batch": 512, "lambda_bal": 1e-3, "lambda_bal_decay": True, "warmup_fraction": 0.1,
+        "finetune_steps": 30, "finetune_batch": 64, "seg3d_batch": 16, "finetune_lr": 5e-4, "probe_steps": 150,
+        "probe_lr": 0.1, "base_lr_batch": 512, "lambda_bal": 1e-3, "lambda_bal_decay": True, "warmup_fraction": 0.1,
         "pretrain_images_per_modality": 2000, "max_train": 2000, "max_eval": 500, "seeds": 1,
     },
 }

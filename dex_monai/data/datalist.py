@@ -1,4 +1,4 @@
-"""Datalists, in one place: JSON datalists, folders and file lists, image/label pairing, splits; output paths are `data.outputs`.
+"""Datalists, in one place: JSON datalists, folders and file lists, image/label pairing, splits.
 
 Every entry point reads its items here: the pre-training bundle and the index's JSON (:func:`load_datalist`), the
 fine-tuning bundles (:func:`segmentation_datalist`, :func:`classification_datalist`), inference
@@ -47,8 +47,6 @@ INPUT_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".npz")
 
 #: names never taken as images: masks stored next to images (e.g. BUSI ``benign (1)_mask.png``)
 DEFAULT_EXCLUDE = ("*_mask.*", "*_mask_*.*")
-
-#: item key holding the planned prediction path (:func:`plan_outputs`)
 
 _PATH_KEYS = ("image", "label", "source")
 #: the fields of a datalist item that the bundles read (the index's JSON has many more, some not collatable)
